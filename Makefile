@@ -1,0 +1,42 @@
+# Two commands for a new user: `make run` (dashboard) and `make test` (test suite). Both idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PORT ?= 8501
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: install run test lint bench reference evaluate-reference demo-catalog clean-cache
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/streamlit run dashboard.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m bench.run
+
+# The committed reference run and its evaluation (about 80 + 15 minutes on 2 CPU cores)
+SMALL ?= ../shared/data/fashion-product-images-small
+reference: install
+	$(PY) -m training.train --data_dir $(SMALL) --run_name reference-cpu
+evaluate-reference: install
+	$(PY) -m training.evaluate --run results/runs/reference-cpu --data_dir $(SMALL)
+demo-catalog: install
+	$(PY) -m training.make_demo_catalog --source ../shared/data/fashion-product-images --run results/runs/reference-cpu --out data/demo
+
+clean-cache:
+	rm -rf .cache

@@ -1,0 +1,168 @@
+"""Caption quality: corpus BLEU and match rates of a run beside the nearest-neighbour-caption baseline,
+the sentence-BLEU histogram, a filterable table of held-out samples, and the best and worst captions."""
+
+import math
+
+import streamlit as st
+
+from ris_app import loaders
+from ris_app.charts import bleu_histogram
+from ris_app.sidebar import sidebar
+from ris_app.widgets import image_card, short
+from ris_core.data import DataError
+from ris_core.runs import RunError
+
+PAGE_SIZE = 25
+METRICS = [  # (key in caption_metrics.json, label, scale to show)
+    ("bleu_1", "BLEU-1", 1), ("bleu_2", "BLEU-2", 1), ("bleu_3", "BLEU-3", 1), ("bleu_4", "BLEU-4", 1),
+    ("sentence_bleu_mean", "Sentence BLEU (mean)", 1), ("last_two_match", "Last two words match", 100),
+    ("last_word_match", "Last word matches", 100), ("exact_match", "Exact match", 100),
+]
+
+
+def evaluate_now(run, data_dir) -> None:
+    """Compute <run>/eval with training.evaluate (after checking the checkpoint loads: no half-written eval/)."""
+    from ris_core.modeling import CheckpointError  # torch: imported only when a model is needed
+
+    try:
+        loaders.captioner(run)
+        held_out = loaders.held_out_ids(run, loaders.catalog(data_dir).products)
+        if not held_out:
+            raise DataError(f"none of the run's held-out products are in {data_dir}: set the data folder "
+                            "(sidebar → Folders) to the folder the run was trained on")
+        from training.evaluate import main as evaluate
+
+        with st.spinner(f"Captioning {len(held_out):,} held-out products and searching with every strategy...",
+                        show_time=True):
+            evaluate(["--run", str(run.path), "--data_dir", str(data_dir), "--quiet"])
+    except (CheckpointError, DataError, RunError) as err:
+        st.error(f"Evaluation failed: {err}")
+        return
+    st.rerun()
+
+
+choice = sidebar()
+st.title("Caption quality")
+run = choice.run
+if run is None:
+    st.info("No run to show: train one (`make reference`) or add a runs folder in the sidebar.")
+    st.stop()
+try:
+    if run.reported_only:
+        st.info(f"**{run.name}** holds numbers reported elsewhere (no checkpoint, no captions). Its reported "
+                "losses are on the Training curves page.")
+        st.stop()
+except RunError as err:
+    st.error(str(err))
+    st.stop()
+
+evaluation = loaders.evaluation(run)
+for problem in evaluation.problems:
+    st.warning(problem)
+if not evaluation.exists:
+    st.info(f"**{run.name}** has no caption evaluation yet. It captions the run's held-out products found in "
+            f"the data folder ({choice.data_dir}), scores them against their names, and measures every query "
+            "strategy on the catalog. This takes from seconds to a few minutes.")
+    if not run.has_checkpoint:
+        st.warning("This run has no checkpoint (model/config.json), so it cannot be evaluated. Pick another run.")
+    elif st.button("Evaluate this run now", type="primary", key="quality_evaluate", icon=":material/play_arrow:"):
+        evaluate_now(run, choice.data_dir)
+    st.stop()
+
+captions, metrics = evaluation.captions, evaluation.caption_metrics
+model, baseline = metrics.get("model", {}), metrics.get("nn_caption_baseline", {})
+n_scored = metrics.get("n_scored", len(captions))
+st.caption(f"{n_scored:,} held-out products scored ({metrics.get('n_skipped', 0)} unreadable images skipped), "
+           f"captioned at {metrics.get('images_per_second', float('nan')):.0f} images/s. Deltas compare with the "
+           "nearest-neighbour-caption baseline: the name of the most similar training image.")
+
+
+def number(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+cells = st.columns(4)
+for i, (key, label, scale) in enumerate(METRICS):
+    ours, theirs = number(model.get(key)), number(baseline.get(key))
+    unit = "%" if scale == 100 else ""
+    cells[i % 4].metric(
+        label, "–" if ours is None else f"{ours * scale:.1f}{unit}",
+        delta=None if ours is None or theirs is None else f"{(ours - theirs) * scale:+.1f}{unit} vs NN caption",
+        border=True, help=f"NN-caption baseline: {'–' if theirs is None else f'{theirs * scale:.1f}{unit}'}",
+    )
+if number(model.get("perplexity")) is not None:
+    st.caption(f"Held-out loss {model['loss']:.3f}, perplexity {model['perplexity']:.2f} per GPT-2 token.")
+
+image_dir = choice.data_dir / "images"
+left, right = st.columns(2, gap="medium")
+with left:
+    st.markdown("**Sentence BLEU of each held-out product**")
+    if "sentence_bleu" in captions:
+        st.plotly_chart(bleu_histogram(captions["sentence_bleu"]), key="quality_hist")
+    else:
+        st.info("captions.csv has no sentence_bleu column; re-run the evaluation.")
+with right:
+    st.markdown("**By master category**")
+    if {"masterCategory", "sentence_bleu", "last_two_match"} <= set(captions.columns):
+        groups = captions.assign(last_two=captions["last_two_match"].astype(str).str.lower().eq("true"))
+        by_master = groups.groupby("masterCategory").agg(
+            products=("id", "size"), sentence_bleu=("sentence_bleu", "mean"), last_two_match=("last_two", "mean"),
+        ).sort_values("products", ascending=False).reset_index()
+        st.dataframe(by_master, hide_index=True, key="quality_by_master", column_config={
+            "sentence_bleu": st.column_config.NumberColumn("mean sentence BLEU", format="%.1f"),
+            "last_two_match": st.column_config.ProgressColumn("last two words match", format="percent"),
+        })
+
+ranked = captions.sort_values("sentence_bleu", ascending=False) if "sentence_bleu" in captions else captions
+for title, rows in (("Best captions", ranked.head(5)), ("Worst captions", ranked.tail(5).iloc[::-1])):
+    st.markdown(f"**{title}**")
+    with st.container(horizontal=True, gap="small"):
+        for _, row in rows.iterrows():
+            image_card(str(image_dir / f"{int(row['id'])}.jpg"), [
+                f"**BLEU {row.get('sentence_bleu', float('nan')):.0f}** · {short(row['reference'], 30)}",
+                f"→ {short(row['generated'], 36) or '(empty caption)'}",
+            ], width=128)
+
+st.subheader("Samples")
+filters = st.columns([2, 3, 2])
+masters = sorted(captions["masterCategory"].dropna().unique()) if "masterCategory" in captions else []
+chosen_masters = filters[0].multiselect("Master category", masters, key="quality_master", placeholder="All")
+subset = captions[captions["masterCategory"].isin(chosen_masters)] if chosen_masters else captions
+articles = sorted(subset["articleType"].dropna().unique()) if "articleType" in subset else []
+chosen_articles = filters[1].multiselect("Article type", articles, key="quality_article", placeholder="All")
+if chosen_articles:
+    subset = subset[subset["articleType"].isin(chosen_articles)]
+match = filters[2].radio("Last two words", ["all", "match", "no match"], key="quality_match", horizontal=True,
+                         help="Does the caption end with the same two words as the product name (the paper's query)?")
+if match != "all" and "last_two_match" in subset:
+    wanted = match == "match"
+    subset = subset[subset["last_two_match"].astype(str).str.lower().eq(str(wanted).lower())]
+
+pages = max(1, math.ceil(len(subset) / PAGE_SIZE))
+nav = st.columns([1, 4])
+page = nav[0].number_input("Page", min_value=1, max_value=pages, value=1, step=1, key="quality_page")
+nav[1].caption(f"{len(subset):,} of {len(captions):,} products match the filters · page {page} of {pages}")
+view = subset.iloc[(page - 1) * PAGE_SIZE : page * PAGE_SIZE].copy()
+view.insert(0, "image", [loaders.thumb_uri(image_dir / f"{int(i)}.jpg") for i in view["id"]])
+columns = [c for c in ["image", "id", "reference", "generated", "nn_caption", "sentence_bleu", "last_two_match",
+                       "articleType", "baseColour", "gender"] if c in view]
+st.dataframe(
+    view[columns], hide_index=True, key="quality_table", row_height=64,
+    column_config={
+        "image": st.column_config.ImageColumn("image", width="small"),
+        "id": st.column_config.NumberColumn("id", format="%d"),
+        "reference": st.column_config.TextColumn("reference (product name)", width="medium"),
+        "generated": st.column_config.TextColumn("generated caption", width="medium"),
+        "nn_caption": st.column_config.TextColumn("NN caption", width="medium"),
+        "sentence_bleu": st.column_config.ProgressColumn("BLEU", min_value=0, max_value=100, format="%.0f"),
+        "last_two_match": st.column_config.CheckboxColumn("last 2 match"),
+    },
+)
+if len(subset) == 0:
+    st.info("No product matches these filters; clear one to see more.")
+st.download_button("Download captions CSV", captions.to_csv(index=False).encode(), key="quality_download",
+                   file_name=f"{run.name}-captions.csv", mime="text/csv", icon=":material/download:")

@@ -1,0 +1,169 @@
+"""Query strategies: one held-out product's caption turned into each strategy's query, the catalog's answers
+side by side with relevance marks, then every strategy's P@k / MRR / nDCG over all held-out products."""
+
+import random
+
+import pandas as pd
+import streamlit as st
+
+from ris_app import loaders
+from ris_app.charts import METRIC_LABELS, strategy_figure
+from ris_app.sidebar import sidebar
+from ris_app.widgets import result_grid, show_image
+from ris_core.data import DataError
+from ris_core.images import ImageError
+from ris_core.metrics import RELEVANCE_DESCRIPTIONS, RELEVANCE_LEVELS
+from ris_core.runs import RunError
+from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
+
+DEFAULT_STRATEGIES = ["last_two_words", "full_caption"]
+METRICS = list(METRIC_LABELS)
+
+choice = sidebar()
+st.title("Query strategies")
+st.caption("A caption becomes a text query (the paper sends its last two words); the catalog of the run's "
+           "training products answers. A result is relevant when it shares the query product's attributes.")
+run = choice.run
+if run is None:
+    st.info("No run to show: train one (`make reference`) or add a runs folder in the sidebar.")
+    st.stop()
+try:
+    reported = run.reported_only
+except RunError as err:
+    st.error(str(err))
+    st.stop()
+if reported:
+    st.info(f"**{run.name}** holds reported numbers only (no checkpoint, no held-out captions). Pick a trained run.")
+    st.stop()
+
+evaluation = loaders.evaluation(run)
+for problem in evaluation.problems:
+    st.warning(problem)
+controls = st.columns([3, 2, 2])
+level = controls[1].radio("Relevant means", list(RELEVANCE_LEVELS), key="strategies_level", horizontal=True,
+                          captions=None, help="\n\n".join(f"**{k}**: {v}" for k, v in RELEVANCE_DESCRIPTIONS.items()))
+controls[1].caption(RELEVANCE_DESCRIPTIONS[level])
+names = controls[0].multiselect("Strategies", list(STRATEGIES), default=DEFAULT_STRATEGIES, key="strategies_names",
+                                max_selections=4, help="\n\n".join(f"**{k}**: {v}" for k, v in
+                                                                   STRATEGY_DESCRIPTIONS.items()))
+k = controls[2].select_slider("Results per query", [5, 10, 20], value=10, key="strategies_k")
+
+# ---------------------------------------------------------------- one product
+
+
+def pick_random(options: list[int]) -> None:
+    st.session_state["strategies_product"] = random.choice(options)
+
+
+def one_product() -> None:
+    try:
+        catalog = loaders.catalog(choice.data_dir)
+        products = catalog.products
+        held_out = loaders.held_out_ids(run, products)
+        train_ids = loaders.training_ids(run, products)
+    except (DataError, RunError) as err:
+        st.error(str(err))
+        return
+    generated = {}
+    if evaluation.captions is not None:
+        generated = dict(zip(evaluation.captions["id"].astype(int), evaluation.captions["generated"], strict=True))
+        options = [i for i in generated if i in products.index]
+    else:
+        options = held_out
+    if not options:
+        st.warning(f"None of {run.name}'s held-out products are in {choice.data_dir}. Set the data folder "
+                   "(sidebar → Folders) to the folder the run was trained on, or to the demo catalog.")
+        return
+    if st.session_state.get("strategies_product") not in options:
+        st.session_state["strategies_product"] = options[0]
+    left, right = st.columns([4, 1], vertical_alignment="bottom")
+    names_of = products["productDisplayName"]
+    product_id = left.selectbox("Held-out product", options, key="strategies_product",
+                                format_func=lambda i: f"{i} · {names_of.get(i, '')}")
+    right.button("Random product", key="strategies_random", on_click=pick_random, args=(options,),
+                 icon=":material/casino:", width="stretch")
+    query = products.loc[product_id]
+    image_path = catalog.image_path(product_id)
+    if product_id in generated:
+        caption = generated[product_id]
+    else:
+        from ris_core.modeling import CheckpointError  # torch: imported only when a model is needed
+
+        try:
+            with st.spinner("Captioning this product..."):
+                caption = loaders.caption_product(run, image_path)
+        except (CheckpointError, ImageError) as err:
+            st.error(f"Cannot caption this product: {err}")
+            return
+
+    with st.container(horizontal=True, gap="medium", vertical_alignment="center"):
+        show_image(str(image_path), width=160)
+        with st.container():
+            st.markdown(f"**Reference (product name):** {query['productDisplayName']}")
+            st.markdown(f"**Generated caption:** {caption or '*(empty caption)*'}")
+            st.caption(f"{query['articleType']} · {query['baseColour']} · {query['gender']} · {len(train_ids):,} "
+                       "training products searchable")
+    if not names:
+        st.info("Choose at least one strategy above.")
+        return
+    index = loaders.catalog_index(choice.data_dir, train_ids)
+    columns = st.columns(len(names), border=True)
+    for column, name in zip(columns, names, strict=True):
+        with column:
+            text = STRATEGIES[name](caption)
+            st.markdown(f"**{name}**")
+            st.caption(STRATEGY_DESCRIPTIONS.get(name, ""))
+            st.code(text or "(empty query)", language=None)
+            response = index.search(text, k=k)
+            hits = result_grid(response.results, products, query, level)
+            if response.results:
+                st.caption(f"{hits} of {k} relevant ({level}) · {response.seconds * 1000:.1f} ms")
+
+
+one_product()
+
+# ---------------------------------------------------------------- all held-out products
+
+st.divider()
+st.subheader("All held-out products")
+summary = evaluation.retrieval_summary
+if not summary or not summary.get("rows"):
+    st.info(f"**{run.name}** has no retrieval evaluation yet: compute it on the Caption quality page "
+            "(“Evaluate this run now”) or with `python -m training.evaluate --run <run>`.")
+    st.stop()
+
+rows = pd.DataFrame([r for r in summary["rows"] if isinstance(r, dict) and r.get("level") == level])
+needed = {"strategy", "source", *METRICS, *(f"{m}_ci" for m in METRICS)}
+if rows.empty or not needed <= set(rows.columns):
+    st.warning("retrieval.json lacks the expected rows or columns for this level; re-run the evaluation.")
+    st.stop()
+n_queries, size = summary.get("n_queries", "?"), summary.get("catalog_size")
+st.caption(f"{n_queries} queries against {size if size is None else f'{size:,}'} catalog products, top "
+           f"{summary.get('k', 10)} judged at {level} ({RELEVANCE_DESCRIPTIONS[level].lower().rstrip('.')}). "
+           "Bars: means; whiskers: 95% bootstrap intervals. Hatched: oracle (the true product name used as caption, "
+           "an upper bound); grey: image kNN on the encoder's features (the classic visual search).")
+st.plotly_chart(strategy_figure(rows, METRICS), key="strategies_chart", config={"displayModeBar": False})
+
+table = rows[["strategy", "source", "n", *METRICS, "zero_hit"]].rename(columns=METRIC_LABELS)
+st.dataframe(table, hide_index=True, key="strategies_table",
+             column_config={c: st.column_config.NumberColumn(format="%.3f")
+                            for c in [*METRIC_LABELS.values(), "zero_hit"]})
+
+pair = next((p for p in summary.get("paired", []) if isinstance(p, dict)
+             and p.get("a") == "last_two_words" and p.get("b") == "full_caption"), None)
+st.markdown("**The paper's query against the whole caption**")
+if pair is None:
+    st.info("retrieval.json has no paired comparison of last_two_words and full_caption.")
+else:
+    def sentence(metric: str) -> str:
+        cell = pair.get(f"{level}_{metric}") or {}
+        diff, (low, high) = cell.get("diff"), (cell.get("ci") or [None, None])
+        if diff is None or low is None or high is None:
+            return f"{METRIC_LABELS[metric]}: not available"
+        verdict = ("last_two_words is better" if low > 0 else "full_caption is better" if high < 0
+                   else "no clear difference (the interval includes 0)")
+        return (f"{METRIC_LABELS[metric]}: last_two_words − full_caption = {diff:+.3f}, "
+                f"95% CI [{low:+.3f}, {high:+.3f}] — {verdict}")
+
+    st.markdown(f"On the same {pair.get('n', '?')} held-out products, at {level}:\n\n"
+                + "\n".join(f"- {sentence(m)}" for m in ("p_at_10", "mrr", "ndcg_at_10")))

@@ -1,0 +1,181 @@
+"""Search demo: a product photo in, its caption, each strategy's query and the results out, with timings."""
+
+import hashlib
+import random
+import time
+
+import streamlit as st
+
+from ris_app import loaders
+from ris_app.sidebar import sidebar
+from ris_app.widgets import result_grid
+from ris_core.data import DataError
+from ris_core.images import ImageError
+from ris_core.modeling import CheckpointError
+from ris_core.runs import RunError
+from ris_core.search import search_safely
+from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
+
+GALLERY_SIZE = 8
+BACKENDS = {"catalog": "Local catalog", "duckduckgo": "DuckDuckGo (web)"}
+DEMO_LEVEL = "R1"  # gallery products have known attributes: mark results of the same article type
+
+choice = sidebar()
+st.title("Search demo")
+st.caption("Reverse image search through captioning: the model describes the photo, a strategy turns the "
+           "description into a text query, and a search engine answers it.")
+run = choice.run
+try:
+    usable = run is not None and not run.reported_only and run.has_checkpoint
+except RunError as err:
+    st.error(str(err))
+    st.stop()
+if not usable:
+    st.info("Pick a trained run (one with a checkpoint) in the sidebar to caption photos."
+            if run is not None else "No run found: train one (`make reference`) or add a runs folder in the sidebar.")
+    st.stop()
+try:
+    catalog = loaders.catalog(choice.data_dir)
+except DataError as err:
+    st.error(f"The data folder cannot be searched: {err}")
+    st.stop()
+products = catalog.products
+try:
+    held_out = loaders.held_out_ids(run, products)
+    train_ids = loaders.training_ids(run, products)
+except RunError as err:  # no split: search everything, pick from everything
+    st.warning(f"{err}. Searching the whole data folder; gallery products may have been seen in training.")
+    held_out, train_ids = [int(i) for i in products.index], [int(i) for i in products.index]
+
+
+def use_gallery(product_id: int) -> None:
+    st.session_state["demo_input"] = ("gallery", product_id)
+
+
+def use_upload() -> None:
+    st.session_state["demo_input"] = ("upload", None)
+
+
+def shuffle() -> None:
+    st.session_state["demo_gallery_seed"] = random.randrange(1_000_000)
+
+
+if "demo_gallery_seed" not in st.session_state:
+    st.session_state["demo_gallery_seed"] = 0
+if "demo_input" not in st.session_state:
+    st.session_state["demo_input"] = ("gallery", held_out[0]) if held_out else ("upload", None)
+
+# ---------------------------------------------------------------- input
+
+left, right = st.columns([3, 2], gap="medium")
+with left:
+    upload = st.file_uploader("Upload a product photo", type=["jpg", "jpeg", "png", "webp"], key="demo_upload",
+                              on_change=use_upload)
+    st.markdown("**…or pick a held-out product** (never seen in training)")
+    pool = held_out or [int(i) for i in products.index]
+    gallery = random.Random(st.session_state["demo_gallery_seed"]).sample(pool, min(GALLERY_SIZE, len(pool)))
+    with st.container(horizontal=True, gap="xsmall"):
+        for pid in gallery:
+            with st.container(width=96, gap="xxsmall"):
+                data = loaders.thumb(str(catalog.image_path(pid)), 120)
+                if data:
+                    st.image(data, width=88)
+                st.button("Use", key=f"demo_pick_{pid}", on_click=use_gallery, args=(pid,), width="stretch",
+                          help=products.loc[pid, "productDisplayName"])
+    st.button("Other products", key="demo_shuffle", on_click=shuffle, icon=":material/shuffle:")
+
+kind, picked = st.session_state["demo_input"]
+image_bytes, label, query_attrs = None, "", None
+if kind == "upload" and upload is not None:
+    image_bytes, label = upload.getvalue(), upload.name
+elif kind == "gallery" and picked in products.index:
+    image_bytes, label = catalog.image_path(picked).read_bytes(), products.loc[picked, "productDisplayName"]
+    query_attrs = products.loc[picked]
+
+with right:
+    if image_bytes is None:
+        st.info("Upload a photo (JPEG, PNG or WebP) or pick a product on the left.")
+        st.stop()
+    try:
+        image = loaders.decode_upload(image_bytes)
+    except ImageError as err:
+        st.error(f"This file cannot be used: {err}. Try another photo.")
+        st.stop()
+    try:
+        model = loaders.captioner(run)
+    except CheckpointError as err:
+        st.error(f"The captioner of {run.name} cannot be loaded: {err}")
+        st.stop()
+    key = (str(run.path), loaders.model_stamp(run), hashlib.sha256(image_bytes).hexdigest())
+    done = st.session_state.setdefault("demo_captions", {})
+    cached = key in done
+    if not cached:
+        with st.spinner("Captioning..."):
+            started = time.perf_counter()
+            batch = model.run_batch([image])
+            done[key] = (batch.captions[0], batch.embeddings[0], (time.perf_counter() - started) * 1000)
+    caption, embedding, caption_ms = done[key]
+    with st.container(horizontal=True, gap="small", vertical_alignment="center"):
+        st.image(image, width=180)
+        with st.container():
+            st.caption("Your photo" if kind == "upload" else "Held-out product")
+            st.markdown(f"**{label}**")
+            st.markdown(f"Caption: **{caption or '(empty)'}**")
+            st.caption(f"captioned in {caption_ms:.0f} ms" + (" (earlier, same photo)" if cached else "")
+                       + f" · {image.width}×{image.height} px")
+
+# ---------------------------------------------------------------- search
+
+st.divider()
+options = st.columns([5, 4, 3, 2], vertical_alignment="bottom")
+names = options[0].multiselect("Strategies", list(STRATEGIES), default=["last_two_words", "full_caption"],
+                               key="demo_strategies", max_selections=3,
+                               help="\n\n".join(f"**{k}**: {v}" for k, v in STRATEGY_DESCRIPTIONS.items()))
+backend = options[1].radio("Search with", list(BACKENDS), format_func=BACKENDS.get, key="demo_backend",
+                           horizontal=True)
+visual = options[2].toggle("Visual baseline", value=True, key="demo_visual",
+                           help="Nearest catalog images by the encoder's features: classic reverse image search.")
+k = options[3].select_slider("Results", [4, 6, 8, 12], value=6, key="demo_k")
+
+index = loaders.catalog_index(choice.data_dir, train_ids)
+responses, offline = {}, None
+for name in names:
+    query = STRATEGIES[name](caption)
+    if backend == "duckduckgo" and offline is None:
+        response = search_safely(loaders.duckduckgo(), query, k)
+        if response.ok:
+            responses[name] = response
+            continue
+        offline = response.error
+    responses[name] = index.search(query, k=k)
+if offline:
+    st.warning(f"DuckDuckGo is not available ({offline}); showing local catalog results instead.")
+
+columns = st.columns(len(names) + (1 if visual else 0) or 1, border=True)
+for column, name in zip(columns, names, strict=False):
+    response = responses[name]
+    with column:
+        source = "cached web results" if response.from_cache else BACKENDS.get(response.backend, response.backend)
+        st.markdown(f"**{name}** · {source}")
+        st.code(response.query or "(empty query)", language=None)
+        attrs = query_attrs if response.backend == "catalog" else None
+        result_grid(response.results, products, attrs, DEMO_LEVEL if attrs is not None else None)
+        st.caption(f"search: {response.seconds * 1000:.1f} ms" + (" · cached" if response.from_cache else ""))
+if visual:
+    with columns[-1]:
+        st.markdown("**image kNN** · visual baseline")
+        try:
+            knn = loaders.knn_index(run, choice.data_dir, train_ids)
+            exclude = picked if kind == "gallery" else None
+            response = knn.search_vector(embedding, k=k, exclude_id=exclude)
+        except (CheckpointError, ValueError) as err:
+            st.error(f"The visual baseline is unavailable: {err}")
+        else:
+            st.code("(the image itself)", language=None)
+            result_grid(response.results, products, query_attrs, DEMO_LEVEL if query_attrs is not None else None)
+            st.caption(f"search: {response.seconds * 1000:.1f} ms over {len(knn):,} images")
+if not names and not visual:
+    with columns[0]:
+        st.info("Choose a strategy or turn on the visual baseline to see results.")
+if query_attrs is not None:
+    st.caption("✓ marks results of the same article type as the picked product.")

@@ -1,0 +1,69 @@
+"""Training curves: train/val loss and perplexity per epoch of several runs, the paper's reported run dashed."""
+
+import pandas as pd
+import streamlit as st
+
+from ris_app import loaders
+from ris_app.charts import Curve, best_epoch, curves_figure
+from ris_app.history_io import parse_history
+from ris_app.sidebar import sidebar
+from ris_core.runs import RunError
+
+choice = sidebar(multi=True)
+st.title("Training curves")
+st.caption("Per-epoch loss and perplexity (per GPT-2 token). The star marks each run's best epoch (lowest "
+           "validation loss); reported runs (numbers from the paper, not reproduced) are dashed.")
+
+curves: list[Curve] = []
+for run in choice.runs:
+    try:
+        reported = run.reported_only
+        curves.append(Curve(run.name, loaders.history(run), reported))
+    except RunError as err:
+        st.warning(f"**{run.name}**: {err}")
+
+with st.expander("Open a history from another tool (CSV or trainer_state.json)"):
+    upload = st.file_uploader("History file", type=["csv", "json"], key="curves_upload",
+                              help="A CSV with an epoch column and loss columns (train_loss/loss, val_loss/"
+                                   "eval_loss), or a transformers trainer_state.json (its log_history).")
+    if upload is not None:
+        try:
+            curves.append(Curve(upload.name, parse_history(upload.name, upload.getvalue())))
+            st.success(f"Added {upload.name}.")
+        except ValueError as err:
+            st.error(f"Could not read {upload.name}: {err}")
+
+if not curves:
+    st.info("Choose one or more runs in the sidebar (or open a history file above) to see their curves.")
+    st.stop()
+
+log_y = st.toggle("Logarithmic y axis", key="curves_log", help="Perplexities of early epochs dwarf later ones.")
+left, right = st.columns(2)
+left.markdown("**Loss per epoch**")
+left.plotly_chart(curves_figure(curves, "loss", log_y), key="curves_loss_chart")
+right.markdown("**Perplexity per epoch**")
+right.plotly_chart(curves_figure(curves, "perplexity", log_y), key="curves_ppl_chart")
+
+summary = []
+for curve in curves:
+    best = best_epoch(curve.history)
+    row = curve.history.loc[curve.history["epoch"] == best].iloc[0] if best is not None else None
+    seconds = curve.history["seconds"].sum(min_count=1) if "seconds" in curve.history else None
+    summary.append({
+        "run": curve.label, "kind": "reported" if curve.reported else "measured",
+        "epochs": int(curve.history["epoch"].nunique()), "best epoch": best,
+        "best val loss": None if row is None else row.get("val_loss"),
+        "best val perplexity": None if row is None else row.get("val_perplexity"),
+        "training minutes": None if seconds is None or pd.isna(seconds) else round(float(seconds) / 60, 1),
+    })
+st.subheader("Best epochs")
+st.dataframe(pd.DataFrame(summary), hide_index=True, key="curves_summary",
+             column_config={"best val loss": st.column_config.NumberColumn(format="%.4f"),
+                            "best val perplexity": st.column_config.NumberColumn(format="%.2f")})
+
+st.subheader("History")
+table = pd.concat([c.history.assign(run=c.label) for c in curves], ignore_index=True)
+table = table[["run", *[c for c in table.columns if c != "run"]]]
+st.dataframe(table, hide_index=True, key="curves_table", height=min(400, 38 + 35 * len(table)))
+st.download_button("Download CSV", table.to_csv(index=False).encode(), file_name="history.csv", mime="text/csv",
+                   key="curves_download", icon=":material/download:")

@@ -1,0 +1,114 @@
+"""Read a training history written by another tool: a CSV with epoch/loss columns, or a transformers
+`trainer_state.json` (its `log_history`). Pure functions: bytes in, a DataFrame in the run's
+history.csv columns out, or a ValueError whose message says what the file lacks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+MAX_BYTES = 20_000_000  # a history is kilobytes; refuse anything absurd before parsing it
+
+# lower-cased header -> history.csv column
+ALIASES = {
+    "epoch": "epoch", "epochs": "epoch",
+    "loss": "train_loss", "train_loss": "train_loss", "training_loss": "train_loss", "train/loss": "train_loss",
+    "eval_loss": "val_loss", "val_loss": "val_loss", "validation_loss": "val_loss", "valid_loss": "val_loss",
+    "eval/loss": "val_loss", "val/loss": "val_loss",
+    "train_perplexity": "train_perplexity", "train_ppl": "train_perplexity",
+    "val_perplexity": "val_perplexity", "eval_perplexity": "val_perplexity", "val_ppl": "val_perplexity",
+    "learning_rate": "learning_rate", "lr": "learning_rate",
+}
+COLUMNS = ["epoch", "train_loss", "train_perplexity", "val_loss", "val_perplexity", "learning_rate"]
+
+
+def parse_history(name: str, data: bytes) -> pd.DataFrame:
+    """A history from an uploaded file: `trainer_state.json` (or any .json with `log_history`) or a CSV."""
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"{name} is {len(data) / 1e6:.0f} MB; a training history is far smaller")
+    text = _text(name, data)
+    if name.lower().endswith(".json") or text.lstrip().startswith("{"):
+        return from_trainer_state(name, text)
+    return from_csv(name, text)
+
+
+def _text(name: str, data: bytes) -> str:
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise ValueError(f"{name} is not a text file (CSV or JSON)")
+
+
+def from_trainer_state(name: str, text: str) -> pd.DataFrame:
+    """`log_history` entries with `epoch` and `loss` (training) or `eval_loss` (validation), merged by epoch."""
+    try:
+        state = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{name} is not valid JSON ({err.args[0] if err.args else err})") from None
+    logs = state.get("log_history") if isinstance(state, dict) else None
+    if not isinstance(logs, list):
+        raise ValueError(f"{name} has no 'log_history' list: expected a transformers trainer_state.json")
+    train, val = {}, {}
+    for entry in logs:
+        if not isinstance(entry, dict) or _number(entry.get("epoch")) is None:
+            continue
+        epoch = round(float(entry["epoch"]), 4)
+        if _number(entry.get("loss")) is not None:
+            train[epoch] = {"train_loss": float(entry["loss"]), "learning_rate": _number(entry.get("learning_rate"))}
+        if _number(entry.get("eval_loss")) is not None:
+            val[epoch] = {"val_loss": float(entry["eval_loss"])}
+    if not train and not val:
+        raise ValueError(f"{name}: no log_history entry has an 'epoch' with a 'loss' or 'eval_loss'")
+    epochs = sorted(set(train) | set(val))
+    rows = [{"epoch": e, **train.get(e, {}), **val.get(e, {})} for e in epochs]
+    return _finish(pd.DataFrame(rows))
+
+
+def from_csv(name: str, text: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise ValueError(f"{name} is not a readable CSV ({type(err).__name__})") from None
+    renamed = {}
+    for column in frame.columns:
+        target = ALIASES.get(str(column).strip().lower())
+        if target and target not in renamed.values():
+            renamed[column] = target
+    frame = frame[list(renamed)].rename(columns=renamed)
+    if "epoch" not in frame:
+        raise ValueError(f"{name} has no 'epoch' column (found: {', '.join(map(str, renamed)) or 'none usable'})")
+    if "train_loss" not in frame and "val_loss" not in frame:
+        raise ValueError(f"{name} has no loss column: name one 'train_loss'/'loss' or 'val_loss'/'eval_loss'")
+    return _finish(frame)
+
+
+def _number(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _finish(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.apply(pd.to_numeric, errors="coerce")
+    frame = frame.dropna(subset=["epoch"]).sort_values("epoch").reset_index(drop=True)
+    if frame.empty:
+        raise ValueError("no row has a numeric epoch")
+    for split in ("train", "val"):
+        loss, ppl = f"{split}_loss", f"{split}_perplexity"
+        if loss not in frame:
+            frame[loss] = np.nan
+        if ppl not in frame:
+            frame[ppl] = np.exp(frame[loss].clip(upper=50))  # perplexity = exp(mean token cross-entropy)
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = np.nan
+    return frame[COLUMNS]

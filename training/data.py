@@ -1,0 +1,128 @@
+"""Training data: decode each image once, cache frozen encoder maps on disk, batch captions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ris_core.data import Catalog
+from ris_core.images import ImageError, open_image, square
+from ris_core.modeling import ModelSpec, image_processor
+
+logger = logging.getLogger(__name__)
+
+
+def decode_images(catalog: Catalog, ids: list[int], spec: ModelSpec) -> tuple[torch.Tensor, list[int], list[int]]:
+    """All images as one uint8 tensor (N, 3, S, S), decoded and resized once.
+
+    Returns the tensor, the ids it holds, and the ids whose image could not be decoded (skipped).
+    """
+    size = spec.image_size
+    pixels = np.empty((len(ids), size, size, 3), dtype=np.uint8)
+    kept, broken = [], []
+    for pid in tqdm(ids, desc="decoding images", unit="img", mininterval=2):
+        try:
+            image = square(open_image(catalog.image_path(pid)), size, spec.source_max_side)
+        except ImageError as err:
+            logger.warning("skipping product %s: %s", pid, err)
+            broken.append(pid)
+            continue
+        pixels[len(kept)] = np.asarray(image)
+        kept.append(pid)
+    return torch.from_numpy(pixels[: len(kept)]).permute(0, 3, 1, 2).contiguous(), kept, broken
+
+
+def normalize(pixels_uint8: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    processor = image_processor(spec)
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    return (pixels_uint8.float() / 255.0 - mean) / std
+
+
+def _cache_key(catalog: Catalog, ids: list[int], spec: ModelSpec) -> str:
+    ident = {
+        "data_dir": str(Path(catalog.image_dir).resolve()),
+        "ids": hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest(),
+        "encoder": spec.encoder, "image_size": spec.image_size, "source_max_side": spec.source_max_side,
+        "version": 2,  # 2: backbone in bf16 autocast
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def cached_backbone_maps(model, catalog: Catalog, ids: list[int], spec: ModelSpec, cache_dir: Path,
+                         batch_size: int = 256) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Frozen backbone maps for every id (float16), extracted once and stored as safetensors.
+
+    Returns {"ids", "mid", "final"} and the ids skipped because their image was unreadable.
+    """
+    path = Path(cache_dir) / "features" / f"{spec.encoder}-{_cache_key(catalog, ids, spec)}.safetensors"
+    if path.is_file():
+        try:
+            cached = load_file(path)
+            meta = json.loads(path.with_suffix(".json").read_text())
+            logger.info("loaded cached encoder maps from %s", path)
+            return cached, meta["broken"]
+        except (OSError, ValueError, KeyError) as err:  # a torn or foreign file: rebuild it
+            logger.warning("ignoring unreadable feature cache %s (%s)", path, err)
+    pixels, kept, broken = decode_images(catalog, ids, spec)
+    mids, finals = [], []
+    for start in tqdm(range(0, len(kept), batch_size), desc="extracting encoder maps", unit="batch"):
+        mid, final = model.encoder.backbone_maps(normalize(pixels[start : start + batch_size], spec))
+        mids.append(mid.half())
+        finals.append(final.half())
+    maps = {"ids": torch.tensor(kept, dtype=torch.int64), "mid": torch.cat(mids), "final": torch.cat(finals)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    save_file(maps, tmp)
+    path.with_suffix(".json").write_text(json.dumps({"broken": broken}))
+    os.replace(tmp, path)
+    return maps, broken
+
+
+@dataclass
+class CaptionDataset(Dataset):
+    """Rows of (encoder input, caption token ids): cached maps or normalised pixels."""
+
+    labels: list[list[int]]
+    maps: tuple[torch.Tensor, torch.Tensor] | None = None
+    pixels: torch.Tensor | None = None  # uint8, normalised per batch
+    spec: ModelSpec | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"labels": self.labels[i]}
+        if self.maps is not None:
+            item["mid"], item["final"] = self.maps[0][i], self.maps[1][i]
+        else:
+            item["pixels"] = self.pixels[i]
+        return item
+
+
+def make_collator(spec: ModelSpec):
+    def collate(items: list[dict]) -> dict:
+        width = max(len(it["labels"]) for it in items)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        for row, it in enumerate(items):
+            labels[row, : len(it["labels"])] = torch.tensor(it["labels"])
+        batch = {"labels": labels}
+        if "final" in items[0]:
+            batch["mid"] = torch.stack([it["mid"] for it in items])
+            batch["final"] = torch.stack([it["final"] for it in items])
+        else:
+            batch["pixel_values"] = normalize(torch.stack([it["pixels"] for it in items]), spec)
+        return batch
+
+    return collate

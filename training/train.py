@@ -1,0 +1,303 @@
+"""Train a captioner into a self-describing run folder; the same command resumes after a kill.
+
+    python -m training.train --data_dir ../shared/data/fashion-product-images-small      # cpu preset, here
+    python -m training.train --preset paper --data_dir /data/fashion-product-images      # GPU + Hub
+    accelerate launch -m training.train --preset paper ...                                 # many GPUs
+
+Writes results/runs/<run_name>/: run.json, split.json, history.csv, model/ (best epoch), checkpoints/.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, VisionEncoderDecoderModel
+from transformers.modeling_outputs import Seq2SeqLMOutput
+from transformers.trainer_utils import get_last_checkpoint
+
+from ris_core.data import DataError, Split, fingerprint, load_catalog, make_split, verbatim_overlap
+from ris_core.modeling import (
+    HubUnavailable, ModelSpec, build_captioner, encoder_tokens, save_captioner, token_cross_entropy,
+)
+from ris_core.runs import RunError, git_commit, upsert_history_row, write_json_atomic
+from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions
+from training.args import default_run_name, model_spec, parse_args
+from training.data import CaptionDataset, cached_backbone_maps, decode_images, make_collator
+
+logger = logging.getLogger("training.train")
+# fields that may differ between the command that started a run and the one that resumes it
+RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name"}
+
+
+class TrainableCaptioner(VisionEncoderDecoderModel):
+    """The captioner, taking cached backbone maps as well as pixels, with an exact running train loss.
+
+    Output shortlist: names use ~7k of GPT-2's 50,257 tokens. Every token outside the shortlist
+    shares one output vector `other_embedding`, so the full softmax equals a (K+1)-way softmax whose
+    last logit is h.other + log(V - K): 7x less work on the output layer, and still an exact
+    distribution over all GPT-2 tokens. `sync_other_rows` writes the shared vector into the embedding
+    before every evaluation and export, so the saved plain model computes exactly the same numbers.
+    """
+
+    def set_output_shortlist(self, token_ids: set[int]) -> None:
+        vocab = self.decoder.config.vocab_size
+        ids = torch.tensor(sorted(set(token_ids) | {EOS_TOKEN_ID}), dtype=torch.long)
+        lookup = torch.full((vocab,), len(ids), dtype=torch.long)
+        lookup[ids] = torch.arange(len(ids))
+        self.register_buffer("shortlist", ids, persistent=False)
+        self.register_buffer("shortlist_index", lookup, persistent=False)
+        self.log_others = math.log(vocab - len(ids))
+        self.other_embedding = torch.nn.Parameter(torch.zeros(self.decoder.config.n_embd))
+
+    @torch.no_grad()
+    def sync_other_rows(self) -> None:
+        if getattr(self, "shortlist", None) is not None:
+            others = self.shortlist_index == len(self.shortlist)
+            self.decoder.transformer.wte.weight[others] = self.other_embedding.to(self.decoder.transformer.wte.weight.dtype)
+
+    def forward(self, labels=None, mid=None, final=None, pixel_values=None, **kwargs):
+        if labels is None:
+            return super().forward(pixel_values=pixel_values, **kwargs)
+        hidden = encoder_tokens(self, pixel_values=pixel_values, maps=(mid, final) if final is not None else None)
+        if getattr(self, "shortlist", None) is None:
+            loss, tokens = token_cross_entropy(self, hidden, labels)
+        else:
+            loss, tokens = self._shortlist_loss(hidden, labels)
+        if self.training:
+            self.loss_sum = getattr(self, "loss_sum", 0.0) + loss.item() * tokens
+            self.token_count = getattr(self, "token_count", 0) + tokens
+            self.sample_count = getattr(self, "sample_count", 0) + labels.shape[0]
+        return Seq2SeqLMOutput(loss=loss)
+
+    def _shortlist_loss(self, encoder_hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        inputs = torch.cat([torch.full_like(labels[:, :1], EOS_TOKEN_ID), labels[:, :-1].clamp(min=0)], dim=1)
+        states = self.decoder.transformer(input_ids=inputs, encoder_hidden_states=encoder_hidden).last_hidden_state
+        target = labels != -100
+        h = states[target]
+        weight = self.decoder.transformer.wte.weight[self.shortlist]
+        logits = torch.cat([h @ weight.t(), (h @ self.other_embedding).unsqueeze(1) + self.log_others], dim=1)
+        classes = self.shortlist_index[labels[target]]
+        per_token = torch.nn.functional.cross_entropy(logits.float(), classes, reduction="none")
+        # the bucket's probability is shared by V - K tokens: each one gets 1/(V - K) of it
+        per_token = per_token + (classes == len(self.shortlist)) * self.log_others
+        return per_token.mean(), int(target.sum())
+
+
+@torch.no_grad()
+def split_loss(model: TrainableCaptioner, dataset: CaptionDataset, collate, batch_size: int) -> float:
+    """exp of this is the paper's perplexity: mean per-token cross-entropy over the whole split (fp32)."""
+    was_training = model.training
+    model.eval()
+    model.sync_other_rows()  # held-out captions may hold tokens outside the shortlist
+    total, tokens = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        loss = model(**batch).loss
+        n = int((batch["labels"] != -100).sum())
+        total, tokens = total + loss.item() * n, tokens + n
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+class RunRecorder(TrainerCallback):
+    """After every epoch: validation loss, one history row, the best model exported, run.json updated."""
+
+    def __init__(self, run_dir: Path, info: dict, spec: ModelSpec, val_set, collate, eval_batch_size: int) -> None:
+        self.run_dir, self.info, self.spec = run_dir, info, spec
+        self.val_set, self.collate, self.eval_batch_size = val_set, collate, eval_batch_size
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        self.started = time.time()
+        model.loss_sum, model.token_count, model.sample_count = 0.0, 0, 0
+
+    def on_epoch_end(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        seconds = time.time() - self.started
+        epoch = int(round(state.epoch))
+        train_loss = model.loss_sum / max(model.token_count, 1)
+        val_loss = split_loss(model, self.val_set, self.collate, self.eval_batch_size)
+        row = {
+            "epoch": epoch, "train_loss": train_loss, "train_perplexity": math.exp(train_loss),
+            "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+            "learning_rate": lr_scheduler.get_last_lr()[0] if lr_scheduler else args.learning_rate,
+            "seconds": round(seconds, 1), "samples_per_second": round(model.sample_count / max(seconds, 1e-9), 1),
+        }
+        history = upsert_history_row(self.run_dir / "history.csv", row)
+        best = history.loc[history["val_loss"].idxmin()]
+        if int(best["epoch"]) == epoch:
+            model.sync_other_rows()
+            tmp = self.run_dir / "model.tmp"
+            save_captioner(model, self.spec, tmp)
+            _replace_dir(tmp, self.run_dir / "model")
+        self.info.update(best_epoch=int(best["epoch"]), best_val_loss=float(best["val_loss"]),
+                         best_val_perplexity=float(best["val_perplexity"]), epochs_done=epoch)
+        write_json_atomic(self.run_dir / "run.json", self.info)
+        logger.info("epoch %d: train loss %.4f (ppl %.2f), val loss %.4f (ppl %.2f), %.0fs",
+                    epoch, train_loss, row["train_perplexity"], val_loss, row["val_perplexity"], seconds)
+
+
+class StagedUnfreezing(TrainerCallback):
+    """The paper's schedule: epoch 0 cross-attention only, epoch 1 adds GPT-2, then everything."""
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        stage = int(state.epoch or 0)
+        for name, param in model.named_parameters():
+            cross = "crossattention" in name or "ln_cross_attn" in name or "enc_to_dec_proj" in name
+            param.requires_grad = cross or (stage >= 1 and name.startswith("decoder.")) or stage >= 2
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap a finished folder in; at every moment either the old or the new one is complete."""
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        _rmtree(old)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    if old.exists():
+        _rmtree(old)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def open_run_dir(run_dir: Path, resolved: dict) -> bool:
+    """Create the run folder, or check it holds this same run (then resume). Never overwrites."""
+    info_path = run_dir / "run.json"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not info_path.is_file():
+            raise RunError(f"{run_dir} is not empty and holds no run.json: choose another --run_name")
+        import json
+
+        saved = json.loads(info_path.read_text()).get("args", {})
+        differ = sorted(k for k in set(saved) | set(resolved)
+                        if k not in RESUME_MAY_DIFFER and saved.get(k) != resolved.get(k))
+        if differ:
+            raise RunError(
+                f"{run_dir} holds a different run (differs in: {', '.join(differ)}); nothing was changed. "
+                "Pass another --run_name, or repeat that run's own command to resume it"
+            )
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def main(argv: list[str] | None = None) -> Path:
+    # 1. Parse input arguments, resolve the preset
+    model_args, data_args, run_args = parse_args(argv)
+    spec = model_spec(model_args)
+    resolved = {**asdict(model_args), **asdict(data_args), **asdict(run_args)}
+    run_name = run_args.run_name or default_run_name(model_args, run_args)
+    run_dir = Path(run_args.results_dir) / run_name
+    torch.manual_seed(run_args.seed)
+
+    # 2. Open (or resume) the run folder before any heavy work
+    resuming = open_run_dir(run_dir, resolved)
+    last_checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
+    logger.info("%s run %s%s", "resuming" if resuming else "starting", run_dir,
+                f" from {last_checkpoint}" if last_checkpoint else "")
+
+    # 3. Build the model (the paper preset needs the Hub and says so if it cannot reach it)
+    base = build_captioner(spec)
+    model = TrainableCaptioner(config=base.config, encoder=base.encoder, decoder=base.decoder)
+    model.generation_config = base.generation_config
+
+    # 4. Load the products; decode every image once; hold out a seeded split
+    catalog = load_catalog(data_args.data_dir)
+    logger.info("data: %s", catalog.report.summary())
+    ids = catalog.products.index.tolist()[: data_args.max_products]
+    if run_args.cache_features:
+        maps, broken = cached_backbone_maps(model, catalog, ids, spec, Path(data_args.cache_dir))
+        kept = maps["ids"].tolist()
+    else:
+        pixels, kept, broken = decode_images(catalog, ids, spec)
+    split_path = run_dir / "split.json"
+    split = Split.load(split_path) if resuming and split_path.is_file() else make_split(
+        kept, data_args.val_fraction, data_args.split_seed)
+    split.save(split_path)
+
+    # 5. Tokenize captions (GPT-2 BPE + EOS) and assemble the datasets
+    names = catalog.products["productDisplayName"]
+    row_of = {pid: row for row, pid in enumerate(kept)}
+
+    def dataset(split_ids: list[int]) -> CaptionDataset:
+        rows = torch.tensor([row_of[i] for i in split_ids], dtype=torch.long)
+        labels = encode_captions(names.loc[split_ids].tolist(), data_args.max_caption_tokens)
+        if run_args.cache_features:
+            return CaptionDataset(labels, maps=(maps["mid"][rows], maps["final"][rows]), spec=spec)
+        return CaptionDataset(labels, pixels=pixels[rows], spec=spec)
+
+    train_set, val_set = dataset(split.train_ids), dataset(split.val_ids)
+    if run_args.output_shortlist:
+        model.set_output_shortlist({t for seq in train_set.labels for t in seq})
+    collate = make_collator(spec)
+
+    # 6. Describe the run before the first step
+    info = {
+        "name": run_name, "kind": "captioner", "preset": model_args.preset, "args": resolved,
+        "model_spec": asdict(spec), "git_commit": git_commit(), "status": "training",
+        "data": {**fingerprint(kept), "data_dir": str(data_args.data_dir), "report": asdict(catalog.report) | {"skipped_ids": None},
+                 "unreadable_images": broken, "train": len(split.train_ids), "val": len(split.val_ids),
+                 "val_names_seen_in_train": verbatim_overlap(names.loc[split.train_ids].tolist(),
+                                                             names.loc[split.val_ids].tolist())},
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if resuming:
+        import json
+
+        previous = json.loads((run_dir / "run.json").read_text())
+        info = {**previous, **{k: v for k, v in info.items() if k not in ("started",)}}
+    write_json_atomic(run_dir / "run.json", info)
+
+    # 7. Trainer: epochs, checkpoints for resuming, mixed precision where it pays
+    steps_per_epoch = math.ceil(len(train_set) / run_args.batch_size)
+    warmup = run_args.warmup_steps
+    if warmup < 0:
+        warmup = -warmup * steps_per_epoch * run_args.epochs
+    on_gpu = torch.cuda.is_available()
+    training_args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=run_args.epochs, max_steps=run_args.max_steps,
+        per_device_train_batch_size=run_args.batch_size, learning_rate=run_args.learning_rate,
+        warmup_steps=int(warmup), lr_scheduler_type=run_args.lr_scheduler, weight_decay=run_args.weight_decay,
+        max_grad_norm=1.0, seed=run_args.seed,
+        bf16=run_args.precision == "bf16", fp16=run_args.precision == "fp16" and on_gpu,
+        save_strategy="epoch", save_total_limit=1, eval_strategy="no",
+        logging_steps=50, report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+        use_cpu=not on_gpu,
+    )
+    callbacks = [RunRecorder(run_dir, info, spec, val_set, collate, run_args.eval_batch_size)]
+    if run_args.staged_unfreezing:
+        callbacks.append(StagedUnfreezing())
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, data_collator=collate,
+                      callbacks=callbacks)
+
+    # 8. Train (resuming from the last whole epoch if there is one)
+    trainer.train(resume_from_checkpoint=last_checkpoint)
+    info.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    write_json_atomic(run_dir / "run.json", info)
+    logger.info("done: %s (best epoch %s, val perplexity %.3f)", run_dir, info.get("best_epoch"),
+                info.get("best_val_perplexity", float("nan")))
+    return run_dir
+
+
+def cli() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        main(sys.argv[1:])
+    except (DataError, RunError, HubUnavailable) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    cli()
