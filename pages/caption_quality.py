@@ -118,8 +118,8 @@ with right:
         })
 
 ranked = captions.sort_values("sentence_bleu", ascending=False) if "sentence_bleu" in captions else captions
-for title, rows in (("Best captions", ranked.head(5)), ("Worst captions", ranked.tail(5).iloc[::-1])):
-    st.markdown(f"**{title}**")
+for title, rows in (("Best captions", ranked.head(4)), ("Worst captions", ranked.tail(4).iloc[::-1])):
+    st.markdown(f"**{title}** (by sentence BLEU)")
     with st.container(horizontal=True, gap="small"):
         for _, row in rows.iterrows():
             image_card(str(image_dir / f"{int(row['id'])}.jpg"), [

@@ -18,6 +18,7 @@ from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
 
 DEFAULT_STRATEGIES = ["last_two_words", "full_caption"]
 METRICS = list(METRIC_LABELS)
+HELP_STRATEGIES = "\n\n".join(f"**{name}**: {text}" for name, text in STRATEGY_DESCRIPTIONS.items())
 
 choice = sidebar()
 st.title("Query strategies")
@@ -39,14 +40,15 @@ if reported:
 evaluation = loaders.evaluation(run)
 for problem in evaluation.problems:
     st.warning(problem)
-controls = st.columns([3, 2, 2])
-level = controls[1].radio("Relevant means", list(RELEVANCE_LEVELS), key="strategies_level", horizontal=True,
-                          captions=None, help="\n\n".join(f"**{k}**: {v}" for k, v in RELEVANCE_DESCRIPTIONS.items()))
-controls[1].caption(RELEVANCE_DESCRIPTIONS[level])
-names = controls[0].multiselect("Strategies", list(STRATEGIES), default=DEFAULT_STRATEGIES, key="strategies_names",
-                                max_selections=4, help="\n\n".join(f"**{k}**: {v}" for k, v in
-                                                                   STRATEGY_DESCRIPTIONS.items()))
-k = controls[2].select_slider("Results per query", [5, 10, 20], value=10, key="strategies_k")
+picker_box = st.container()  # filled by one_product(): the product picker sits above the card and controls
+card, panel = st.columns([3, 2], gap="medium")
+with panel:
+    names = st.multiselect("Strategies", list(STRATEGIES), default=DEFAULT_STRATEGIES, key="strategies_names",
+                           max_selections=3, help=HELP_STRATEGIES)
+    level = st.radio("Relevant means", list(RELEVANCE_LEVELS), key="strategies_level", horizontal=True,
+                     help="\n\n".join(f"**{name}**: {text}" for name, text in RELEVANCE_DESCRIPTIONS.items()))
+    st.caption(RELEVANCE_DESCRIPTIONS[level])
+    k = st.select_slider("Results per query", [5, 10, 20], value=10, key="strategies_k")
 
 # ---------------------------------------------------------------- one product
 
@@ -62,7 +64,7 @@ def one_product() -> None:
         held_out = loaders.held_out_ids(run, products)
         train_ids = loaders.training_ids(run, products)
     except (DataError, RunError) as err:
-        st.error(str(err))
+        picker_box.error(str(err))
         return
     generated = {}
     if evaluation.captions is not None:
@@ -71,12 +73,12 @@ def one_product() -> None:
     else:
         options = held_out
     if not options:
-        st.warning(f"None of {run.name}'s held-out products are in {choice.data_dir}. Set the data folder "
+        picker_box.warning(f"None of {run.name}'s held-out products are in {choice.data_dir}. Set the data folder "
                    "(sidebar → Folders) to the folder the run was trained on, or to the demo catalog.")
         return
     if st.session_state.get("strategies_product") not in options:
         st.session_state["strategies_product"] = options[0]
-    left, right = st.columns([4, 1], vertical_alignment="bottom")
+    left, right = picker_box.columns([4, 1], vertical_alignment="bottom")
     names_of = products["productDisplayName"]
     product_id = left.selectbox("Held-out product", options, key="strategies_product",
                                 format_func=lambda i: f"{i} · {names_of.get(i, '')}")
@@ -90,13 +92,13 @@ def one_product() -> None:
         from ris_core.modeling import CheckpointError  # torch: imported only when a model is needed
 
         try:
-            with st.spinner("Captioning this product..."):
+            with card, st.spinner("Captioning this product..."):
                 caption = loaders.caption_product(run, image_path)
         except (CheckpointError, ImageError) as err:
-            st.error(f"Cannot caption this product: {err}")
+            card.error(f"Cannot caption this product: {err}")
             return
 
-    with st.container(horizontal=True, gap="medium", vertical_alignment="center"):
+    with card, st.container(horizontal=True, gap="medium", vertical_alignment="center"):
         show_image(str(image_path), width=160)
         with st.container():
             st.markdown(f"**Reference (product name):** {query['productDisplayName']}")
@@ -113,9 +115,9 @@ def one_product() -> None:
             text = STRATEGIES[name](caption)
             st.markdown(f"**{name}**")
             st.caption(STRATEGY_DESCRIPTIONS.get(name, ""))
-            st.code(text or "(empty query)", language=None)
+            st.code(text or "(empty query)", language=None, wrap_lines=True)
             response = index.search(text, k=k)
-            hits = result_grid(response.results, products, query, level)
+            hits = result_grid(response.results, products, query, level, width=110, query=text)
             if response.results:
                 st.caption(f"{hits} of {k} relevant ({level}) · {response.seconds * 1000:.1f} ms")
 

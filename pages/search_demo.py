@@ -16,7 +16,7 @@ from ris_core.runs import RunError
 from ris_core.search import search_safely
 from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
 
-GALLERY_SIZE = 8
+GALLERY_SIZE = 5  # one row of thumbnails (and the shuffle button) beside the photo at 1280 px
 BACKENDS = {"catalog": "Local catalog", "duckduckgo": "DuckDuckGo (web)"}
 DEMO_LEVEL = "R1"  # gallery products have known attributes: mark results of the same article type
 
@@ -74,15 +74,15 @@ with left:
     st.markdown("**…or pick a held-out product** (never seen in training)")
     pool = held_out or [int(i) for i in products.index]
     gallery = random.Random(st.session_state["demo_gallery_seed"]).sample(pool, min(GALLERY_SIZE, len(pool)))
-    with st.container(horizontal=True, gap="xsmall"):
+    with st.container(horizontal=True, gap="xsmall", vertical_alignment="bottom"):
         for pid in gallery:
-            with st.container(width=96, gap="xxsmall"):
+            with st.container(width=72, gap="xxsmall"):
                 data = loaders.thumb(str(catalog.image_path(pid)), 120)
                 if data:
-                    st.image(data, width=88)
+                    st.image(data, width=72)
                 st.button("Use", key=f"demo_pick_{pid}", on_click=use_gallery, args=(pid,), width="stretch",
                           help=products.loc[pid, "productDisplayName"])
-    st.button("Other products", key="demo_shuffle", on_click=shuffle, icon=":material/shuffle:")
+        st.button("", key="demo_shuffle", on_click=shuffle, icon=":material/shuffle:", help="Other products")
 
 kind, picked = st.session_state["demo_input"]
 image_bytes, label, query_attrs = None, "", None
@@ -130,7 +130,7 @@ st.divider()
 options = st.columns([5, 4, 3, 2], vertical_alignment="bottom")
 names = options[0].multiselect("Strategies", list(STRATEGIES), default=["last_two_words", "full_caption"],
                                key="demo_strategies", max_selections=3,
-                               help="\n\n".join(f"**{k}**: {v}" for k, v in STRATEGY_DESCRIPTIONS.items()))
+                               help="\n\n".join(f"**{n}**: {text}" for n, text in STRATEGY_DESCRIPTIONS.items()))
 backend = options[1].radio("Search with", list(BACKENDS), format_func=BACKENDS.get, key="demo_backend",
                            horizontal=True)
 visual = options[2].toggle("Visual baseline", value=True, key="demo_visual",
@@ -151,15 +151,18 @@ for name in names:
 if offline:
     st.warning(f"DuckDuckGo is not available ({offline}); showing local catalog results instead.")
 
-columns = st.columns(len(names) + (1 if visual else 0) or 1, border=True)
+n_columns = len(names) + (1 if visual else 0) or 1
+thumb_px = 120 if n_columns <= 2 else 100  # two thumbnails per row even with three columns at 1280 px
+columns = st.columns(n_columns, border=True)
 for column, name in zip(columns, names, strict=False):
     response = responses[name]
     with column:
         source = "cached web results" if response.from_cache else BACKENDS.get(response.backend, response.backend)
         st.markdown(f"**{name}** · {source}")
-        st.code(response.query or "(empty query)", language=None)
+        st.code(response.query or "(empty query)", language=None, wrap_lines=True)
         attrs = query_attrs if response.backend == "catalog" else None
-        result_grid(response.results, products, attrs, DEMO_LEVEL if attrs is not None else None)
+        result_grid(response.results, products, attrs, DEMO_LEVEL if attrs is not None else None, thumb_px,
+                    query=response.query)
         st.caption(f"search: {response.seconds * 1000:.1f} ms" + (" · cached" if response.from_cache else ""))
 if visual:
     with columns[-1]:
@@ -171,8 +174,9 @@ if visual:
         except (CheckpointError, ValueError) as err:
             st.error(f"The visual baseline is unavailable: {err}")
         else:
-            st.code("(the image itself)", language=None)
-            result_grid(response.results, products, query_attrs, DEMO_LEVEL if query_attrs is not None else None)
+            st.code("(the image itself)", language=None, wrap_lines=True)
+            result_grid(response.results, products, query_attrs, DEMO_LEVEL if query_attrs is not None else None,
+                        thumb_px)
             st.caption(f"search: {response.seconds * 1000:.1f} ms over {len(knn):,} images")
 if not names and not visual:
     with columns[0]:

@@ -9,6 +9,7 @@ Heavy imports (torch, transformers) happen inside the loaders, so pages that nee
 from __future__ import annotations
 
 import base64
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from ris_core.data import Catalog, DataError, load_catalog
-from ris_core.images import ImageError, open_image, thumbnail_bytes
+from ris_core.images import ImageError, open_image, square
 from ris_core.runs import Run, RunError
 
 THUMB_SIDE = 160  # px: grids and cards show images at ~120-160 px
@@ -44,7 +45,10 @@ def model_stamp(run: Run) -> tuple[int, ...]:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _history(path: str, version: tuple[int, ...]) -> pd.DataFrame:
-    return Run(Path(path)).history()
+    frame = Run(Path(path)).history()
+    # A hand-edited or half-written history may hold text in numeric columns: show it as gaps, not a crash.
+    frame = frame.apply(lambda column: pd.to_numeric(column, errors="coerce"))
+    return frame.dropna(subset=["epoch"]).sort_values("epoch").reset_index(drop=True)
 
 
 def history(run: Run) -> pd.DataFrame:
@@ -238,8 +242,15 @@ def duckduckgo():
 
 @st.cache_data(show_spinner=False, max_entries=20_000)
 def thumb(path: str, side: int = THUMB_SIDE) -> bytes | None:
-    """A small JPEG of an image file, or None when it is missing or not an image."""
-    return thumbnail_bytes(path, side)
+    """A small square JPEG (padded with white, like the model's input) of an image file, or None when it is
+    missing or not an image. Square thumbnails keep grids of portrait and landscape photos aligned."""
+    try:
+        image = square(open_image(path), side)
+    except ImageError:
+        return None
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
 
 
 def thumb_uri(path: str | Path, side: int = 96) -> str | None:

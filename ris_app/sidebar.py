@@ -97,10 +97,12 @@ def _through_dashboard() -> None:
     without dashboard.py (no wide layout, file names as page titles). One rerun fixes that for good.
     """
     try:
+        from streamlit import config
         from streamlit.runtime.pages_manager import PagesManager
     except ImportError:  # a future Streamlit without the old behaviour
         return
-    if PagesManager.uses_pages_directory:
+    # AppTest resets the flag before every run (and would lose the run's widget events to a rerun).
+    if PagesManager.uses_pages_directory and not config.get_option("global.appTest"):
         PagesManager.uses_pages_directory = False
         st.rerun()
 
@@ -134,6 +136,11 @@ def sidebar(multi: bool = False) -> Selection:
         names = [r.name for r in available]
         duplicates = {n for n in names if names.count(n) > 1}
         labels = {p: run_label(r, duplicates) for p, r in by_path.items()}
+        wanted = st.query_params.get("run")  # shareable links: /search_demo?run=reference-cpu
+        if wanted and "_keep_sidebar_run" not in st.session_state:
+            match = next((p for p, r in by_path.items() if wanted in (r.name, p)), None)
+            if match:
+                st.session_state["_keep_sidebar_run"] = match
         with run_box:
             if not available:
                 st.warning(f"No runs found under {RESULTS_DIR}. Train one (`make reference`) or add a folder below.")

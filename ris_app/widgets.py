@@ -37,11 +37,11 @@ def image_card(source: str, lines: list[str], width: int = CARD_WIDTH) -> None:
 
 
 def result_grid(results: list, products: pd.DataFrame | None = None, query_attrs: Mapping | None = None,
-                level: str | None = None, width: int = 120) -> int | None:
+                level: str | None = None, width: int = 120, query: str = "?") -> int | None:
     """Search results as a wrapping grid of thumbnails; with `query_attrs` and `level` each one is marked
     ✓ relevant / ✗ not. Returns the number of relevant results when judged, else None."""
     if not results:
-        st.info("No results for this query.")
+        st.info("No results for this query." if query.strip() else "The caption gave this strategy no words to search.")
         return None
     judged = query_attrs is not None and level is not None and products is not None
     relevant = 0

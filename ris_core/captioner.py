@@ -15,7 +15,11 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from ris_core.images import ImageError, open_image, square
 from ris_core.modeling import (
-    CheckpointError, ModelSpec, image_processor, load_model_dir, token_cross_entropy,
+    CheckpointError,
+    ModelSpec,
+    image_processor,
+    load_model_dir,
+    token_cross_entropy,
 )
 from ris_core.tokenizer import encode_captions, gpt2_tokenizer
 

@@ -35,7 +35,11 @@ class _InvertedResidual(nn.Module):
         hidden = inp * expand
         self.use_res_connect = stride == 1 and inp == out
         layers: list[nn.Module] = [] if expand == 1 else [_conv_bn(inp, hidden, kernel=1)]
-        layers += [_conv_bn(hidden, hidden, stride=stride, groups=hidden), nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out)]
+        layers += [
+            _conv_bn(hidden, hidden, stride=stride, groups=hidden),  # depthwise
+            nn.Conv2d(hidden, out, 1, bias=False),  # linear bottleneck
+            nn.BatchNorm2d(out),
+        ]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,8 +88,9 @@ class MobileNetTokenEncoderConfig(PretrainedConfig):
     model_type = "ris_mobilenet_v2_tokens"
 
     def __init__(self, hidden_size: int = 256, image_size: int = 128, multi_scale: bool = True,
-                 layer_norm_eps: float = 1e-5, **kwargs) -> None:
+                 layer_norm_eps: float = 1e-5, frozen_backbone: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.frozen_backbone = frozen_backbone  # frozen: always the bf16 path the feature cache used
         self.hidden_size = hidden_size
         self.image_size = image_size
         self.multi_scale = multi_scale  # also attend to the 8x8 stride-16 map, not only the 4x4 final one
@@ -148,10 +153,10 @@ class MobileNetTokenEncoder(PreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs) -> BaseModelOutput:
-        if any(p.requires_grad for p in self.backbone.parameters()):
-            mid, final = self.backbone(pixel_values)
-        else:
+        if self.config.frozen_backbone:
             mid, final = self.backbone_maps(pixel_values)
+        else:
+            mid, final = self.backbone(pixel_values)
         return BaseModelOutput(last_hidden_state=self.tokens_from_maps(mid, final))
 
 

@@ -146,7 +146,9 @@ def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpe
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(f"{model_dir} holds no config.json: not a saved captioner (train one, or pick another run)")
+        raise CheckpointError(
+            f"{model_dir} holds no config.json: not a saved captioner (train one, or pick another run)"
+        )
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -188,7 +190,8 @@ def token_cross_entropy(model: VisionEncoderDecoderModel, encoder_hidden: torch.
     decoder_input_ids = torch.cat(
         [torch.full_like(labels[:, :1], EOS_TOKEN_ID), labels[:, :-1].clamp(min=0)], dim=1
     )
-    hidden = model.decoder.transformer(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden).last_hidden_state
+    decoded = model.decoder.transformer(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden)
+    hidden = decoded.last_hidden_state
     target = labels != -100
     logits = model.decoder.lm_head(hidden[target])
     loss = torch.nn.functional.cross_entropy(logits.float(), labels[target])

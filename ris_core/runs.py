@@ -80,7 +80,8 @@ class Run:
 
     @property
     def has_checkpoint(self) -> bool:
-        return (self.model_dir / "config.json").is_file()
+        """A captioner to load: our model/ folder, or an imported paper-notebook checkpoint (notebook/)."""
+        return (self.model_dir / "config.json").is_file() or (self.path / "notebook" / "config.json").is_file()
 
     def info(self) -> dict:
         if not self.info_path.is_file():

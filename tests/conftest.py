@@ -32,7 +32,8 @@ def tiny_catalog(tmp_path_factory) -> Path:
     return copy_catalog(tmp_path_factory.mktemp("tiny_catalog"), 160)
 
 
-def tiny_train_args(data_dir: Path, results_dir: Path, cache_dir: Path, name: str = "tiny", epochs: int = 2) -> list[str]:
+def tiny_train_args(data_dir: Path, results_dir: Path, cache_dir: Path, name: str = "tiny",
+                    epochs: int = 2) -> list[str]:
     return [
         "--data_dir", str(data_dir), "--results_dir", str(results_dir), "--cache_dir", str(cache_dir),
         "--run_name", name, "--epochs", str(epochs), "--batch_size", "16", "--learning_rate", "2e-3",

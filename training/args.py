@@ -72,14 +72,16 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
-    run_name: str | None = field(default=None, metadata={"help": "folder under --results_dir (default: built from settings)"})
+    run_name: str | None = field(
+        default=None, metadata={"help": "folder under --results_dir (default: built from the settings)"}
+    )
     results_dir: str = field(default=str(RESULTS_DIR / "runs"), metadata={"help": "where run folders live"})
     epochs: int | None = field(default=None, metadata={"help": "training epochs"})
     max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (tests); -1 = all epochs"})
     batch_size: int | None = field(default=None, metadata={"help": "per-device batch size"})
     learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate"})
     warmup_steps: float | None = field(default=None, metadata={"help": "steps, or a negative fraction of all steps"})
-    lr_scheduler: str | None = field(default=None, metadata={"help": "transformers scheduler name (cosine, linear, ...)"})
+    lr_scheduler: str | None = field(default=None, metadata={"help": "transformers scheduler (cosine, linear, ...)"})
     weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay"})
     precision: str | None = field(default=None, metadata={"help": "fp32, bf16 or fp16 (fp16 needs a GPU)"})
     cache_features: bool | None = field(default=None, metadata={"help": "extract frozen encoder maps once"})

@@ -22,12 +22,15 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ris_core.captioner import Captioner, embed_paths
+from ris_core.captioner import embed_paths
 from ris_core.data import DEFAULT_DATA_DIR, DataError, load_catalog
 from ris_core.metrics import caption_metrics, exact_match, last_words_match, sentence_bleu
 from ris_core.modeling import CheckpointError
+from ris_core.paper_notebook import load_any_captioner
+from ris_core.refine import CaptionCache, refine
 from ris_core.retrieval import judge_rankings, paired_difference, summarize
 from ris_core.runs import Run, RunError, write_csv_atomic, write_json_atomic
+from ris_core.search import SearchResult, search_safely
 from ris_core.search.catalog import CatalogIndex
 from ris_core.search.image_knn import ImageKnnIndex
 from ris_core.strategies import STRATEGIES
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy (deterministic)")
     parser.add_argument("--max_products", type=int, default=None, help="evaluate only the first N held-out products")
     parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--refine_queries", type=int, default=500,
+                        help="held-out products whose results are also refined (+refine rows; 0 = none)")
     parser.add_argument("--force", action="store_true", help="recompute captions and embeddings")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -56,7 +61,7 @@ def _digest(*parts: object) -> str:
 
 
 def _model_digest(run: Run) -> str:
-    weights = sorted(run.model_dir.glob("*.safetensors"))
+    weights = sorted([*run.model_dir.glob("*.safetensors"), *(run.path / "notebook").glob("*.safetensors")])
     return _digest([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights])
 
 
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> Path:
     train_ids = [i for i in split.train_ids if i in products.index]
     eval_dir = run.eval_dir
     eval_dir.mkdir(exist_ok=True)
-    captioner = Captioner.load(run.path)
+    captioner = load_any_captioner(run.path)
     model_key = _model_digest(run)
 
     # 2. Caption every held-out image (reused when the same model already captioned the same products)
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> Path:
     captions["last_two_match"] = [last_words_match(g, r, 2) for g, r in pairs]
     captions["last_word_match"] = [last_words_match(g, r, 1) for g, r in pairs]
     captions["exact_match"] = [exact_match(g, r) for g, r in pairs]
-    attrs = products.loc[captions["id"], ["masterCategory", "articleType", "baseColour", "gender"]].reset_index(drop=True)
+    attributes = ["masterCategory", "articleType", "baseColour", "gender"]
+    attrs = products.loc[captions["id"], attributes].reset_index(drop=True)
     captions = pd.concat([captions.reset_index(drop=True), attrs], axis=1)
     write_csv_atomic(captions_path, captions.round(4))
     metrics = {
@@ -176,14 +182,20 @@ def main(argv: list[str] | None = None) -> Path:
     index = CatalogIndex.build(train_products, catalog.image_dir)
     jobs = [("caption", name, fn, captions["generated"]) for name, fn in STRATEGIES.items()]
     jobs += [("oracle", f"oracle:{name}", fn, captions["reference"]) for name, fn in STRATEGIES.items()]
-    frames = []
+    frames, hits_of = [], {}
+    query_ids = captions["id"].tolist()
     for source, name, fn, texts in tqdm(jobs, desc="searching", unit="strategy", disable=args.quiet):
         queries = [fn(t) for t in texts]
-        hits = [[r.product_id for r in index.search(q, k=args.k).results] for q in queries]
-        frames.append(_per_query(source, name, queries, hits, captions["id"].tolist(), products, train_products))
-    hits = [[r.product_id for r in resp.results] for resp in neighbours]
-    frames.append(_per_query("visual", "image_knn", [""] * len(hits), hits, captions["id"].tolist(), products,
-                             train_products))
+        hits = [[r.product_id for r in search_safely(index, q, k=args.k).results] for q in queries]
+        frames.append(_per_query(source, name, queries, hits, query_ids, products, train_products))
+        hits_of[name] = hits
+    hits_of["image_knn"] = [[r.product_id for r in resp.results] for resp in neighbours]
+    frames.append(_per_query("visual", "image_knn", [""] * len(query_ids), hits_of["image_knn"], query_ids,
+                             products, train_products))
+
+    # 6. Result refinement (paper IV-B) on a seeded subset: re-rank each strategy's hits by agreement
+    if args.refine_queries > 0:
+        frames += _refined(captioner, catalog, captions, val_emb, hits_of, args, products, train_products)
     per_query = pd.concat(frames, ignore_index=True)
     write_csv_atomic(eval_dir / "retrieval.csv", per_query.round(4))
     summary = {
@@ -191,12 +203,41 @@ def main(argv: list[str] | None = None) -> Path:
         "catalog_size": len(index), "n_boot": args.n_boot,
         "rows": summarize(per_query, n_boot=args.n_boot),
         "paired": [paired_difference(per_query, *PAIRED, n_boot=args.n_boot),
-                   paired_difference(per_query, "last_two_words", "image_knn", n_boot=args.n_boot)],
+                   paired_difference(per_query, "last_two_words", "image_knn", n_boot=args.n_boot)]
+        + [paired_difference(per_query, name, name.removesuffix("+refine"), n_boot=args.n_boot)
+           for name in per_query["strategy"].unique() if name.endswith("+refine")],
     }
     write_json_atomic(eval_dir / "retrieval.json", summary)
     logger.info("wrote %s (BLEU-4 %.1f, last-two match %.3f)", eval_dir, metrics["model"]["bleu_4"],
                 metrics["model"]["last_two_match"])
     return eval_dir
+
+
+def _refined(captioner, catalog, captions: pd.DataFrame, val_emb: np.ndarray, hits_of: dict[str, list[list[int]]],
+             args: argparse.Namespace, products: pd.DataFrame, train_products: pd.DataFrame) -> list[pd.DataFrame]:
+    """`<strategy>+refine` rows for a seeded subset of queries; every result image is captioned once."""
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.permutation(len(captions))[: args.refine_queries])
+    strategies = [name for name in hits_of if not name.startswith("oracle:")]
+    needed = sorted({pid for name in strategies for row in rows for pid in hits_of[name][row]})
+    cache = CaptionCache()
+    for ids, batch, _ in captioner.caption_paths([(i, catalog.image_path(i)) for i in needed],
+                                                 batch_size=args.batch_size, progress=not args.quiet,
+                                                 desc="captioning results for refinement"):
+        for pid, caption, embedding in zip(ids, batch.captions, batch.embeddings):
+            cache.put(hashlib.sha256(catalog.image_path(pid).read_bytes()).hexdigest(), caption, embedding)
+    frames = []
+    query_ids = [int(captions["id"].iloc[r]) for r in rows]
+    for name in strategies:
+        refined = []
+        for row in rows:
+            results = [SearchResult(rank=rank, title="", image=str(catalog.image_path(pid)), product_id=pid)
+                       for rank, pid in enumerate(hits_of[name][row], start=1)]
+            outcome = refine(captioner, captions["generated"].iloc[row], val_emb[row], results, cache=cache)
+            refined.append([r.result.product_id for r in outcome.ranked])
+        frames.append(_per_query("refine", f"{name}+refine", [""] * len(rows), refined, query_ids, products,
+                                 train_products))
+    return frames
 
 
 def _per_query(source: str, strategy: str, queries: list[str], hits: list[list[int]], ids: list[int],

@@ -23,7 +23,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ris_core.data import DataError, Split, fingerprint, load_catalog, make_split, verbatim_overlap
 from ris_core.modeling import (
-    HubUnavailable, ModelSpec, build_captioner, encoder_tokens, save_captioner, token_cross_entropy,
+    HubUnavailable,
+    ModelSpec,
+    build_captioner,
+    encoder_tokens,
+    save_captioner,
+    token_cross_entropy,
 )
 from ris_core.runs import RunError, git_commit, upsert_history_row, write_json_atomic
 from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions
@@ -59,7 +64,8 @@ class TrainableCaptioner(VisionEncoderDecoderModel):
     def sync_other_rows(self) -> None:
         if getattr(self, "shortlist", None) is not None:
             others = self.shortlist_index == len(self.shortlist)
-            self.decoder.transformer.wte.weight[others] = self.other_embedding.to(self.decoder.transformer.wte.weight.dtype)
+            wte = self.decoder.transformer.wte.weight
+            wte[others] = self.other_embedding.to(wte.dtype)
 
     def forward(self, labels=None, mid=None, final=None, pixel_values=None, **kwargs):
         if labels is None:
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> Path:
     info = {
         "name": run_name, "kind": "captioner", "preset": model_args.preset, "args": resolved,
         "model_spec": asdict(spec), "git_commit": git_commit(), "status": "training",
-        "data": {**fingerprint(kept), "data_dir": str(data_args.data_dir), "report": asdict(catalog.report) | {"skipped_ids": None},
+        "data": {**fingerprint(kept), "data_dir": str(data_args.data_dir),
+                 "report": asdict(catalog.report) | {"skipped_ids": None},
                  "unreadable_images": broken, "train": len(split.train_ids), "val": len(split.val_ids),
                  "val_names_seen_in_train": verbatim_overlap(names.loc[split.train_ids].tolist(),
                                                              names.loc[split.val_ids].tolist())},

@@ -1,0 +1,1 @@
+"""Benchmarks of RIS Eval on this machine: `make bench` (`python -m bench.run`), `--quick` for a smoke run."""

@@ -1,0 +1,74 @@
+"""What several benchmarks share: the run they measure, real demo images, and small catalog copies for --quick."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from ris_core.data import DEFAULT_DATA_DIR
+from ris_core.runs import RESULTS_DIR, Run, discover_runs
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = RESULTS_DIR / "runs" / "reference-cpu"
+FULL_SMALL = REPO.parent / "shared" / "data" / "fashion-product-images-small"  # all 44,441 products, 60x80 px
+
+
+def reference_run() -> tuple[Run | None, str]:
+    """The committed reference run, else any run with a model; (None, why) when there is none."""
+    reference = Run(REFERENCE)
+    if reference.has_checkpoint:
+        return reference, f"reference run {reference.name} ({_epochs(reference)})"
+    for run in discover_runs(RESULTS_DIR):
+        if run.has_checkpoint and not _reported(run):
+            return run, f"fallback run {run.name} ({_epochs(run)}): {REFERENCE} has no model yet"
+    return None, f"no run with a model under {RESULTS_DIR}"
+
+
+def _reported(run: Run) -> bool:
+    try:
+        return run.reported_only
+    except ValueError:
+        return True
+
+
+def _epochs(run: Run) -> str:
+    try:
+        info = json.loads(run.info_path.read_text())
+    except (OSError, ValueError):
+        return "run.json unreadable"
+    return f"best epoch {info.get('best_epoch')} of {info.get('epochs_done')} done, status {info.get('status')}"
+
+
+def demo_image_paths(n: int) -> list[Path]:
+    """The first n product images of the bundled demo catalog (real photos, up to 240 px)."""
+    paths = sorted((DEFAULT_DATA_DIR / "images").glob("*.jpg"), key=lambda p: int(p.stem))
+    return paths[:n]
+
+
+def small_catalog(dest: Path, ids: list[int], source: Path = DEFAULT_DATA_DIR) -> Path:
+    """A Kaggle-layout copy of `source` holding only `ids` (styles.csv rows + images)."""
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    wanted = {str(i) for i in ids}
+    lines = (source / "styles.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [lines[0]] + [line for line in lines[1:] if line.split(",", 1)[0] in wanted]
+    (dest / "styles.csv").write_text("".join(kept), encoding="utf-8")
+    for line in kept[1:]:
+        pid = line.split(",", 1)[0]
+        shutil.copyfile(source / "images" / f"{pid}.jpg", dest / "images" / f"{pid}.jpg")
+    return dest
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, round(q) - 1))] if q < 100 \
+        else max(values)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

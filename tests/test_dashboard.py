@@ -1,0 +1,431 @@
+"""Every dashboard page under Streamlit's AppTest: renders, shows its key elements, survives one interaction,
+and turns bad input (non-images, huge images, corrupt runs) into messages instead of exceptions.
+
+Runs on the session's tiny trained run (tests/conftest.py) evaluated on the tiny catalog; the network is
+patched out (DuckDuckGo never leaves the process). Uploads go through AppTest's own file_uploader support.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import time
+import zlib
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from ris_app.history_io import parse_history
+from ris_core.runs import RESULTS_DIR
+from ris_core.search import SearchResponse, SearchResult, SearchUnavailable
+
+REPO = Path(__file__).resolve().parent.parent
+DASHBOARD = str(REPO / "dashboard.py")
+PAPER_RUN = RESULTS_DIR / "paper-2024"
+TIMEOUT = 120  # seconds per script run: the first one loads the captioner
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, tiny_run, tiny_catalog) -> Path:
+    """Two copies of the tiny run: `evaluated` (eval/ computed) and `fresh` (no eval/ yet)."""
+    from training.evaluate import main as evaluate
+
+    root = tmp_path_factory.mktemp("dash_runs")
+    for name in ("evaluated", "fresh"):
+        shutil.copytree(tiny_run, root / name, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    evaluate(["--run", str(root / "evaluated"), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "100"])
+    # A 2-epoch model mostly emits empty captions; give the per-product views a caption a trained model would
+    # write (the product name's last three words) so searches return results to judge.
+    path = root / "evaluated" / "eval" / "captions.csv"
+    captions = pd.read_csv(path, keep_default_na=False)
+    captions["generated"] = captions["reference"].str.split().str[-3:].str.join(" ")
+    captions.to_csv(path, index=False)
+    return root
+
+
+def fixed_caption(text: str):
+    """Patch the captioner so uploads get `text` as caption (the embeddings stay real)."""
+    from ris_core.captioner import Captioner
+
+    real = Captioner.run_batch
+
+    def run_batch(self, images, *args, **kwargs):
+        out = real(self, images, *args, **kwargs)
+        out.captions = [text] * len(images)
+        return out
+
+    return mock.patch.object(Captioner, "run_batch", run_batch)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, runs_root, tiny_catalog, tmp_path):
+    """Every test: runs and data from the fixtures, DuckDuckGo cut off from the network, caches in tmp."""
+    monkeypatch.setenv("RIS_RUNS_DIRS", str(runs_root))
+    monkeypatch.setenv("RIS_DATA_DIR", str(tiny_catalog))
+    monkeypatch.chdir(tmp_path)  # DuckDuckGo's default cache (.cache/) lands here, not in the repo
+    with mock.patch("ris_core.search.duckduckgo._default_ddgs_factory", side_effect=OSError("network disabled")):
+        yield
+
+
+def app(page: str | None = None, run: Path | None = None, runs: list[Path] | None = None) -> AppTest:
+    """The dashboard, on `page`, with the sidebar's run (or runs) chosen up front."""
+    at = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT)
+    if run is not None:
+        at.session_state["_keep_sidebar_run"] = str(run.resolve())
+    if runs is not None:
+        at.session_state["_keep_sidebar_runs"] = [str(r.resolve()) for r in runs]
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [e.value for e in at.info]
+    return "\n".join(str(p) for p in parts)
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def png_bytes(mode: str = "RGB", size=(60, 80), color=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def huge_png_header(width: int = 10_000, height: int = 10_000) -> bytes:
+    """A valid PNG header claiming 100 megapixels (never decoded: the size check comes first)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+# ---------------------------------------------------------------- 1. training curves
+
+
+def test_training_curves_overlay_runs_with_reported_dashed(runs_root):
+    started = time.perf_counter()
+    at = app(runs=[runs_root / "evaluated", PAPER_RUN])
+    first_render = time.perf_counter() - started
+    assert_clean(at)
+    assert at.title[0].value == "Training curves"
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2
+    spec = charts[0].proto.spec
+    assert "paper-2024 (reported)" in spec and '"dash":"dash"' in spec.replace(" ", "")
+    assert "best epoch" in spec
+    assert len(at.dataframe) == 2 and at.download_button
+    history = at.dataframe[1].value
+    assert set(history["run"]) == {"evaluated", "paper-2024"}
+    assert first_render < 10  # the page itself is light (no torch); AppTest adds its own overhead
+
+    at.toggle(key="curves_log").set_value(True).run()
+    assert_clean(at)
+    assert '"type":"log"' in at.get("plotly_chart")[0].proto.spec.replace(" ", "")
+
+    at.sidebar.multiselect(key="sidebar_runs").set_value([str((runs_root / "fresh").resolve())]).run()
+    assert_clean(at)
+    assert set(at.dataframe[1].value["run"]) == {"fresh"}
+
+
+def test_training_curves_open_trainer_state_and_reject_garbage(runs_root):
+    at = app(runs=[runs_root / "evaluated"])
+    state = {"log_history": [
+        {"epoch": 1.0, "loss": 3.2, "learning_rate": 1e-3, "step": 10},
+        {"epoch": 1.0, "eval_loss": 2.9, "step": 10},
+        {"epoch": 2.0, "loss": 2.5, "step": 20},
+        {"epoch": 2.0, "eval_loss": 2.4, "step": 20},
+    ]}
+    at.file_uploader(key="curves_upload").set_value(
+        ("trainer_state.json", json.dumps(state).encode(), "application/json")).run()
+    assert_clean(at)
+    assert any("trainer_state.json" in s.value for s in at.success)
+    assert "trainer_state.json" in set(at.dataframe[1].value["run"])
+
+    at.file_uploader(key="curves_upload").set_value(("notes.csv", b"\x00\x01garbage\xff", "text/csv")).run()
+    assert_clean(at)
+    assert at.error and "notes.csv" in at.error[0].value
+
+
+def test_history_parsers_accept_aliases_and_explain_failures():
+    frame = parse_history("h.csv", b"Epoch,loss,eval_loss\n1,3.0,2.5\n2,2.0,1.5\n")
+    assert frame["epoch"].tolist() == [1, 2]
+    assert frame["val_perplexity"].round(3).tolist() == [round(float(np.exp(2.5)), 3), round(float(np.exp(1.5)), 3)]
+    merged = parse_history("trainer_state.json", json.dumps({"log_history": [
+        {"epoch": 0.5, "loss": 4.0}, {"epoch": 1.0, "loss": 3.0}, {"epoch": 1.0, "eval_loss": 2.0}]}).encode())
+    assert merged["epoch"].tolist() == [0.5, 1.0] and merged["val_loss"].isna().tolist() == [True, False]
+    for name, data, message in [
+        ("a.csv", b"step,accuracy\n1,0.5\n", "no 'epoch' column"),
+        ("a.csv", b"epoch,accuracy\n1,0.5\n", "no loss column"),
+        ("s.json", b'{"global_step": 3}', "log_history"),
+        ("s.json", b"{not json", "not valid JSON"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_history(name, data)
+
+
+# ---------------------------------------------------------------- 2. caption quality
+
+
+def test_caption_quality_metrics_histogram_and_filters(runs_root):
+    at = app("pages/caption_quality.py", run=runs_root / "evaluated")
+    assert_clean(at)
+    labels = [m.label for m in at.metric]
+    assert {"BLEU-1", "BLEU-4", "Last two words match", "Exact match"} <= set(labels)
+    assert all("vs NN caption" in (m.proto.delta or "") for m in at.metric)
+    assert "held-out products scored" in texts(at)
+    assert at.get("plotly_chart")
+    table = at.dataframe[-1].value
+    assert table["image"].str.startswith("data:image/jpeg;base64,").all()
+
+    article = sorted(table["articleType"].unique())[0]
+    at.multiselect(key="quality_article").set_value([article]).run()
+    assert_clean(at)
+    filtered = at.dataframe[-1].value
+    assert len(filtered) and (filtered["articleType"] == article).all()
+    at.radio(key="quality_match").set_value("match").run()
+    assert_clean(at)
+
+
+def test_caption_quality_empty_state_then_evaluate_button(runs_root):
+    at = app("pages/caption_quality.py", run=runs_root / "fresh")
+    assert_clean(at)
+    assert "no caption evaluation yet" in texts(at)
+    at.button(key="quality_evaluate").click().run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert (runs_root / "fresh" / "eval" / "caption_metrics.json").is_file()
+    assert any(m.label == "BLEU-4" for m in at.metric)
+
+
+# ---------------------------------------------------------------- 3. query strategies
+
+
+def test_query_strategies_side_by_side_and_aggregate(runs_root):
+    at = app("pages/query_strategies.py", run=runs_root / "evaluated")
+    assert_clean(at)
+    assert at.multiselect(key="strategies_names").value == ["last_two_words", "full_caption"]
+    assert len(at.code) == 2
+    body = texts(at)
+    assert "Generated caption" in body and "relevant**]" in body and "of 10 relevant (R1)" in body
+    assert at.get("plotly_chart") and at.dataframe[-1].value["strategy"].str.startswith(
+        "oracle:").any()
+    assert "last_two_words − full_caption" in body and "95% CI" in body
+
+    at.multiselect(key="strategies_names").set_value(["last_two_words", "full_caption", "drop_brand"]).run()
+    at.radio(key="strategies_level").set_value("R2").run()
+    assert_clean(at)
+    assert len(at.code) == 3
+    assert "at R2" in texts(at)
+    before = at.selectbox(key="strategies_product").value
+    for _ in range(5):  # a random pick lands on another product within a few tries
+        at.button(key="strategies_random").click().run()
+        if at.selectbox(key="strategies_product").value != before:
+            break
+    assert_clean(at)
+    assert at.selectbox(key="strategies_product").value != before
+
+
+def test_query_strategies_without_evaluation_captions_live(runs_root, tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "live"
+    monkeypatch.setenv("RIS_RUNS_DIRS", str(tmp_path / "runs"))
+    shutil.copytree(runs_root / "evaluated", run, ignore=shutil.ignore_patterns("eval"))
+    at = app("pages/query_strategies.py", run=run)
+    assert_clean(at)
+    assert "Generated caption" in texts(at) and len(at.code) == 2
+    assert "no retrieval evaluation yet" in texts(at)
+
+
+# ---------------------------------------------------------------- 4. search demo
+
+
+def test_search_demo_gallery_pick_shows_caption_queries_and_timings(runs_root):
+    at = app("pages/search_demo.py", run=runs_root / "evaluated")
+    assert_clean(at)
+    body = texts(at)
+    assert "Caption:" in body and "captioned in" in body and "search:" in body
+    assert len(at.code) == 3  # two strategies and the visual baseline
+    gallery = [b for b in at.button if b.key and b.key.startswith("demo_pick_")]
+    gallery[-1].click().run()
+    assert_clean(at)
+    assert "Held-out product" in texts(at)
+
+
+@pytest.mark.parametrize("name, data, ok", [
+    ("photo.png", png_bytes("RGBA", color=(10, 200, 10, 120)), True),
+    ("cmyk.jpg", None, True),
+    ("deep.png", png_bytes("I;16", color=40_000), True),
+    ("notes.png", b"this is not an image at all", False),
+    ("cut.jpg", None, False),
+    ("huge.png", huge_png_header(), False),
+])
+def test_search_demo_uploads(runs_root, name, data, ok):
+    if name == "cmyk.jpg":
+        out = io.BytesIO()
+        Image.new("CMYK", (64, 64), (0, 120, 200, 0)).save(out, format="JPEG")
+        data = out.getvalue()
+    if name == "cut.jpg":
+        out = io.BytesIO()
+        Image.effect_noise((200, 200), 60).convert("RGB").save(out, format="JPEG")
+        data = out.getvalue()[:400]
+    at = app("pages/search_demo.py", run=runs_root / "evaluated")
+    at.file_uploader(key="demo_upload").set_value((name, data, "image/png")).run()
+    assert_clean(at)
+    if ok:
+        assert not at.error, [e.value for e in at.error]
+        assert "Your photo" in texts(at) and "Caption:" in texts(at)
+    else:
+        assert at.error and "cannot be used" in at.error[0].value
+        assert "Traceback" not in at.error[0].value
+        # the rest of the page still works: a gallery pick replaces the bad upload
+        next(b for b in at.button if b.key and b.key.startswith("demo_pick_")).click().run()
+        assert_clean(at)
+        assert "Caption:" in texts(at)
+
+
+def test_search_demo_duckduckgo_offline_falls_back_to_catalog(runs_root):
+    with fixed_caption("Roadster Men Navy Blue Shirt"):  # a real query, so DuckDuckGo is really asked
+        at = app("pages/search_demo.py", run=runs_root / "evaluated")
+        at.radio(key="demo_backend").set_value("duckduckgo").run()
+    assert_clean(at)
+    assert len(at.warning) == 1 and "DuckDuckGo is not available" in at.warning[0].value
+    assert "\n" not in at.warning[0].value
+    assert "Local catalog" in texts(at)
+
+
+def test_search_demo_duckduckgo_cached_results_are_labelled(runs_root):
+    class CachedWeb:
+        name = "duckduckgo"
+
+        def search(self, query, k=10):
+            results = [SearchResult(rank=i, title=f"web {i}", image=f"https://example.invalid/{i}.jpg",
+                                    thumbnail=f"https://example.invalid/t{i}.jpg", source_url="https://shop.invalid/x")
+                       for i in range(1, k + 1)]
+            return SearchResponse(query=query, backend="duckduckgo", results=results, seconds=0.001, from_cache=True)
+
+    with mock.patch("ris_app.loaders.duckduckgo", return_value=CachedWeb()):
+        at = app("pages/search_demo.py", run=runs_root / "evaluated")
+        at.radio(key="demo_backend").set_value("duckduckgo").run()
+    assert_clean(at)
+    assert not at.warning
+    assert "cached web results" in texts(at)
+
+
+def test_search_demo_unavailable_backend_message_is_one_line(runs_root):
+    class Offline:
+        name = "duckduckgo"
+
+        def search(self, query, k=10):
+            raise SearchUnavailable("DuckDuckGo is unreachable (DNSError); use the local catalog or replay mode")
+
+    with mock.patch("ris_app.loaders.duckduckgo", return_value=Offline()):
+        at = app("pages/search_demo.py", run=runs_root / "evaluated")
+        at.radio(key="demo_backend").set_value("duckduckgo").run()
+    assert_clean(at)
+    assert [w.value for w in at.warning] == [
+        "DuckDuckGo is not available (DuckDuckGo is unreachable (DNSError); use the local catalog or replay mode); "
+        "showing local catalog results instead."]
+
+
+# ---------------------------------------------------------------- bad runs and folders
+
+
+@pytest.fixture
+def broken_runs(tmp_path, runs_root) -> Path:
+    """A runs folder with a corrupt checkpoint, an unreadable history and an unreadable run.json."""
+    root = tmp_path / "broken"
+    corrupt = root / "corrupt-model"
+    shutil.copytree(runs_root / "evaluated", corrupt, ignore=shutil.ignore_patterns("eval"))
+    for weights in (corrupt / "model").glob("*.safetensors"):
+        weights.write_bytes(b"\x00" * 64)
+    bad_history = root / "bad-history"
+    bad_history.mkdir(parents=True)
+    (bad_history / "history.csv").write_bytes(b"\xff\xfe\x00garbage")
+    (bad_history / "run.json").write_text("{not json")
+    text_history = root / "text-history"
+    text_history.mkdir()
+    (text_history / "history.csv").write_text("epoch,train_loss,val_loss\n1,abc,3.0\n2,2.5,n/a\nx,1,1\n")
+    return root
+
+
+def test_bad_runs_show_messages_and_change_nothing_on_disk(monkeypatch, broken_runs, runs_root):
+    monkeypatch.setenv("RIS_RUNS_DIRS", str(broken_runs))
+    before = snapshot(broken_runs)
+    at = app(runs=[broken_runs / "corrupt-model", broken_runs / "bad-history", broken_runs / "text-history"])
+    assert_clean(at)
+    assert any("bad-history" in w.value for w in at.warning)
+    assert set(at.dataframe[1].value["run"]) == {"corrupt-model", "text-history"}  # text cells become gaps
+
+    corrupt = broken_runs / "corrupt-model"
+    for page in ("pages/caption_quality.py", "pages/query_strategies.py", "pages/search_demo.py"):
+        at = app(page, run=corrupt)
+        assert_clean(at)
+        if page.endswith("caption_quality.py"):
+            at.button(key="quality_evaluate").click().run()
+            assert_clean(at)
+        assert at.error, page
+        assert all("Traceback" not in e.value for e in at.error)
+
+    for page in ("pages/caption_quality.py", "pages/query_strategies.py", "pages/search_demo.py"):
+        at = app(page, run=broken_runs / "bad-history")
+        assert_clean(at)
+        assert at.error or at.info, page
+    assert snapshot(broken_runs) == before
+
+
+def test_missing_data_folder_is_an_error_not_a_crash(runs_root, monkeypatch, tmp_path):
+    monkeypatch.setenv("RIS_DATA_DIR", str(tmp_path / "nowhere"))
+    for page in ("pages/query_strategies.py", "pages/search_demo.py"):
+        at = app(page, run=runs_root / "evaluated")
+        assert_clean(at)
+        assert at.error and "does not exist" in at.error[0].value
+
+
+def test_sidebar_choice_survives_page_switches(runs_root):
+    at = app("pages/caption_quality.py", run=runs_root / "evaluated")
+    fresh = str((runs_root / "fresh").resolve())
+    at.sidebar.selectbox(key="sidebar_run").set_value(fresh).run()
+    at.switch_page("pages/search_demo.py").run()
+    assert_clean(at)
+    assert at.sidebar.selectbox(key="sidebar_run").value == fresh
+
+
+def test_run_can_be_chosen_by_query_parameter(runs_root):
+    at = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT)
+    at.query_params["run"] = "fresh"
+    at.run()
+    at.switch_page("pages/caption_quality.py").run()
+    assert_clean(at)
+    assert at.sidebar.selectbox(key="sidebar_run").value == str((runs_root / "fresh").resolve())
+
+
+def test_widget_keys_are_unique_across_pages():
+    keys: dict[str, str] = {}
+    pattern = 'key="'
+    for page in sorted((REPO / "pages").glob("*.py")):
+        source = page.read_text()
+        for chunk in source.split(pattern)[1:]:
+            key = chunk.split('"', 1)[0]
+            if "{" in key:  # f-string keys are per-item within one page
+                continue
+            assert keys.setdefault(key, page.name) == page.name, f"{key} used in {keys[key]} and {page.name}"
+    assert pd.Series(list(keys)).is_unique

@@ -1,0 +1,227 @@
+"""End to end: `streamlit run dashboard.py` in a subprocess, headless Chromium through every page.
+
+    RIS_REQUIRE_E2E=1 python -m pytest -m e2e tests/test_e2e_browser.py    # CI: a missing browser fails
+
+Uses the session's tiny trained run (tests/conftest.py), evaluated on the tiny catalog, chosen with the
+dashboard's `?run=` link parameter. Saves one screenshot per page under test-artifacts/; the server is
+always terminated, even when a step fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+RUN_NAME = "e2e-run"
+PAGES = [  # (link text in the sidebar, url path, text that shows the page has rendered its content)
+    ("Training curves", "", "Best epochs"),
+    ("Caption quality", "caption_quality", "Samples"),
+    ("Query strategies", "query_strategies", "All held-out products"),
+    ("Search demo", "search_demo", "Caption:"),
+]
+
+
+def require_browser() -> None:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if not missing:
+        return
+    message = (f"{' and '.join(missing)} not installed: apt-get install -y chromium chromium-driver "
+               "(Debian) to run the browser test")
+    if os.environ.get("RIS_REQUIRE_E2E") == "1":
+        pytest.fail(message + " (RIS_REQUIRE_E2E=1 makes this a failure)")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(base: str, server: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"streamlit exited with code {server.returncode} before it was healthy")
+        try:
+            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"streamlit was not healthy within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory, tiny_run, tiny_catalog) -> Path:
+    from training.evaluate import main as evaluate
+
+    root = tmp_path_factory.mktemp("e2e_runs")
+    run = root / RUN_NAME
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    evaluate(["--run", str(run), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "100"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(e2e_run, tiny_catalog, tmp_path_factory):
+    require_browser()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "RIS_RUNS_DIRS": str(e2e_run.parent), "RIS_DATA_DIR": str(tiny_catalog),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp_path_factory.mktemp("e2e_log") / "streamlit.log", "w+")  # noqa: SIM115 - closed below
+    cwd = tmp_path_factory.mktemp("e2e_cwd")  # DuckDuckGo's default cache, if ever asked, lands here
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for_health(base, server)
+        yield base
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        log.seek(0)
+        tail = log.read()[-3000:]
+        log.close()
+        if "Traceback" in tail:
+            print("streamlit log tail:\n" + tail)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tempfile.mkdtemp(prefix="ris-e2e-chromium-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,800",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def page_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def wait_until(driver, predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate(driver):
+                return
+        except Exception:  # noqa: BLE001 - the DOM changes under us while Streamlit renders
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}; page shows: {page_text(driver)[:500]!r}")
+
+
+def idle(driver) -> bool:
+    """Streamlit has finished the current script run (its status widget is gone)."""
+    from selenium.webdriver.common.by import By
+
+    return not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+
+
+def settle(driver, text: str, what: str) -> None:
+    wait_until(driver, lambda d: text in page_text(d), what)
+    wait_until(driver, idle, f"{what} to finish running")
+    time.sleep(0.5)  # images and charts paint after the last delta
+    wait_until(driver, idle, f"{what} to stay idle")
+
+
+def assert_no_exception(driver, where: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    boxes = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    assert not boxes, f"{where}: exception shown: {boxes[0].text[:500]}"
+
+
+def sidebar_run(driver) -> str:
+    """The run shown by the sidebar's selectbox (its text lives in an input's value or a sibling div)."""
+    from selenium.webdriver.common.by import By
+
+    boxes = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebar"] [data-testid="stSelectbox"]')
+    parts = [box.get_attribute("textContent") or "" for box in boxes]
+    parts += [i.get_attribute("value") or "" for box in boxes for i in box.find_elements(By.TAG_NAME, "input")]
+    return " ".join(parts)
+
+
+def shoot(driver, name: str) -> Path:
+    """The 1280x800 view, then the whole page (the window grown to the content's height) for review."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    driver.save_screenshot(str(path))
+    height = driver.execute_script(
+        "const m = document.querySelector('[data-testid=\"stMain\"]'); return m ? m.scrollHeight : 800;")
+    driver.set_window_size(1280, min(int(height) + 150, 5000))
+    time.sleep(0.5)
+    driver.save_screenshot(str(ARTIFACTS / f"{name}_full.png"))
+    driver.set_window_size(1280, 800)
+    return path
+
+
+def test_every_page_renders_and_the_demo_searches_an_upload(server, browser, tiny_catalog, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    started = time.monotonic()
+    browser.get(f"{server}/?run={RUN_NAME}")
+    settle(browser, PAGES[0][2], "the first page")
+    first_page_seconds = time.monotonic() - started
+    assert "Training curves" in page_text(browser)
+    assert_no_exception(browser, "Training curves")
+    shoot(browser, "1_training_curves")
+
+    for number, (title, path, marker) in enumerate(PAGES[1:], start=2):
+        link = browser.find_element(By.CSS_SELECTOR, f'[data-testid="stSidebarNav"] a[href$="/{path}"]')
+        link.click()
+        settle(browser, marker, title)
+        assert title in page_text(browser)
+        assert RUN_NAME in sidebar_run(browser), "the ?run= choice should survive page switches"
+        assert_no_exception(browser, title)
+        shoot(browser, f"{number}_{path}")
+
+    # The demo page: upload a product photo and see its caption and results.
+    photo = tmp_path / "upload.jpg"
+    shutil.copyfile(next((tiny_catalog / "images").glob("*.jpg")), photo)
+    browser.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(photo))
+    settle(browser, "Your photo", "the uploaded photo's caption")
+    text = page_text(browser)
+    assert "upload.jpg" in text and "captioned in" in text and "search:" in text
+    assert_no_exception(browser, "Search demo after upload")
+    shoot(browser, "5_search_demo_upload")
+    assert first_page_seconds < 15, f"first page took {first_page_seconds:.1f} s"

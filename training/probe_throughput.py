@@ -1,0 +1,78 @@
+"""Measure the cpu preset's design choices side by side in one run (throughput only, no accuracy).
+
+    python -m training.probe_throughput            # ~2 min on 2 cores; prints a table, writes results/cpu-preset-throughput.json
+
+Variants of one training step (batch 64, 10 target tokens per caption, bf16 autocast, AdamW):
+multi-scale tokens (80) vs final map only (16), and the output-layer shortlist vs the full 50,257-way softmax;
+plus the frozen backbone's extraction rate in fp32 vs bf16 + channels_last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from ris_core.modeling import ModelSpec, build_captioner
+from ris_core.runs import RESULTS_DIR, write_json_atomic
+from training.train import TrainableCaptioner
+
+BATCH, TOKENS, SHORTLIST = 64, 10, 7259  # 7,259 distinct GPT-2 tokens occur in the 44k product names
+
+
+def step_rate(multi_scale: bool, shortlist: bool, steps: int = 6) -> float:
+    base = build_captioner(ModelSpec(multi_scale=multi_scale))
+    model = TrainableCaptioner(config=base.config, encoder=base.encoder, decoder=base.decoder).train()
+    if shortlist:
+        model.set_output_shortlist(set(range(SHORTLIST)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    mid, final = torch.randn(BATCH, 96, 8, 8), torch.randn(BATCH, 1280, 4, 4)
+    labels = torch.randint(0, SHORTLIST, (BATCH, TOKENS + 2))
+    labels[:, TOKENS] = 50256
+    labels[:, TOKENS + 1 :] = -100
+    for i in range(steps + 2):
+        if i == 2:
+            started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(labels=labels, mid=mid, final=final).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return BATCH * steps / (time.perf_counter() - started)
+
+
+def extraction_rate(bf16: bool, n: int = 256) -> float:
+    encoder = build_captioner(ModelSpec()).encoder
+    pixels = torch.randn(n, 3, 128, 128)
+    with torch.no_grad():
+        if bf16:
+            encoder.backbone_maps(pixels[:32])
+            started = time.perf_counter()
+            encoder.backbone_maps(pixels)
+        else:
+            encoder.backbone(pixels[:32])
+            started = time.perf_counter()
+            encoder.backbone(pixels)
+    return n / (time.perf_counter() - started)
+
+
+def main() -> None:
+    rows = []
+    for multi_scale in (True, False):
+        for shortlist in (True, False):
+            rate = step_rate(multi_scale, shortlist)
+            rows.append({"variant": f"{'80 tokens (8x8+4x4)' if multi_scale else '16 tokens (4x4)'}, "
+                                    f"{'shortlist softmax' if shortlist else 'full softmax'}",
+                         "train_samples_per_second": round(rate, 1), "epoch_minutes_40k": round(39990 / rate / 60, 1)})
+    for bf16 in (False, True):
+        rows.append({"variant": f"backbone extraction {'bf16 + channels_last' if bf16 else 'fp32'}",
+                     "images_per_second": round(extraction_rate(bf16), 1)})
+    for row in rows:
+        print(json.dumps(row))
+    write_json_atomic(RESULTS_DIR / "cpu-preset-throughput.json",
+                      {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

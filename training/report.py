@@ -1,0 +1,85 @@
+"""Print a run's headline tables as Markdown (the README's tables come from here).
+
+    python -m training.report --run results/runs/reference-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ris_core.runs import RESULTS_DIR, Run
+
+PAPER = RESULTS_DIR / "paper-2024"
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "" if value is None or pd.isna(value) else f"{value:.{digits}f}"
+
+
+def history_table(run: Run) -> str:
+    history = run.history()
+    paper = Run(PAPER).history().set_index("epoch") if PAPER.is_dir() else pd.DataFrame()
+    best = int(history.loc[history["val_loss"].idxmin(), "epoch"])
+    lines = ["| epoch | train loss | train ppl | val loss | val ppl | min | paper val loss | paper val ppl |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for _, row in history.iterrows():
+        epoch = int(row["epoch"])
+        reported = paper.loc[epoch] if epoch in paper.index else None
+        lines.append(
+            f"| {epoch}{' (best)' if epoch == best else ''} | {_fmt(row.train_loss)} | {_fmt(row.train_perplexity, 2)} "
+            f"| {_fmt(row.val_loss)} | {_fmt(row.val_perplexity, 2)} | {row.seconds / 60:.1f} "
+            f"| {_fmt(reported.val_loss) if reported is not None else ''} "
+            f"| {_fmt(reported.val_perplexity, 2) if reported is not None else ''} |")
+    return "\n".join(lines)
+
+
+def caption_table(run: Run) -> str:
+    metrics = json.loads((run.eval_dir / "caption_metrics.json").read_text())
+    model, nn = metrics["model"], metrics["nn_caption_baseline"]
+    rows = [("BLEU-1", "bleu_1", 1), ("BLEU-2", "bleu_2", 1), ("BLEU-3", "bleu_3", 1), ("BLEU-4", "bleu_4", 1),
+            ("mean sentence BLEU", "sentence_bleu_mean", 1), ("last-two-words match", "last_two_match", 3),
+            ("last-word match", "last_word_match", 3), ("exact match", "exact_match", 3)]
+    lines = [f"{metrics['n_scored']:,} held-out products scored ({metrics['n_skipped']} unreadable skipped), "
+             f"greedy decoding, {metrics['images_per_second']:.0f} images/s; val perplexity "
+             f"{model['perplexity']:.3f} (loss {model['loss']:.4f}).", "",
+             "| metric | captioner | nearest-neighbour caption |", "|---|---:|---:|"]
+    lines += [f"| {label} | {model[key]:.{d}f} | {nn[key]:.{d}f} |" for label, key, d in rows]
+    return "\n".join(lines)
+
+
+def retrieval_table(run: Run, level: str = "R1") -> str:
+    summary = json.loads((run.eval_dir / "retrieval.json").read_text())
+    rows = [r for r in summary["rows"] if r["level"] == level]
+    lines = [f"{summary['n_queries']:,} queries against {summary['catalog_size']:,} training products, level {level}.",
+             "", "| strategy | source | P@1 | P@10 [95% CI] | MRR | nDCG@10 | zero-hit |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["source"] != "caption", -r["p_at_10"])):
+        low, high = r["p_at_10_ci"]
+        lines.append(f"| {r['strategy']} | {r['source']} | {r['p_at_1']:.3f} | {r['p_at_10']:.3f} "
+                     f"[{low:.3f}, {high:.3f}] | {r['mrr']:.3f} | {r['ndcg_at_10']:.3f} | {r['zero_hit']:.3f} |")
+    for pair in summary["paired"]:
+        diff = pair[f"{level}_p_at_10"]
+        lines.append(f"\nPaired P@10 ({level}) {pair['a']} − {pair['b']}: {diff['diff']:+.3f} "
+                     f"[{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}] over {pair['n']:,} queries.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True)
+    args = parser.parse_args(argv)
+    run = Run(args.run)
+    print("### Training history\n\n" + history_table(run))
+    if (run.eval_dir / "caption_metrics.json").is_file():
+        print("\n### Caption quality\n\n" + caption_table(run))
+    if (run.eval_dir / "retrieval.json").is_file():
+        for level in ("R1", "R2", "R3"):
+            print(f"\n### Retrieval ({level})\n\n" + retrieval_table(run, level))
+
+
+if __name__ == "__main__":
+    main()
