@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 from pathlib import Path
+
+import numpy as np
 
 from ris_core.data import DEFAULT_DATA_DIR
 from ris_core.runs import RESULTS_DIR, Run, discover_runs
@@ -60,14 +61,20 @@ def small_catalog(dest: Path, ids: list[int], source: Path = DEFAULT_DATA_DIR) -
     return dest
 
 
+def run_sample(run: Run, dest: Path, n_val: int, n_train: int) -> Path:
+    """A small data folder: the first held-out and training products of `run` that data/demo holds (--quick)."""
+    from ris_core.data import load_catalog
+
+    split = json.loads((run.path / "split.json").read_text())
+    present = set(load_catalog(DEFAULT_DATA_DIR, require_images=False).products.index)
+    val = [i for i in split["val_ids"] if i in present][:n_val]
+    train = [i for i in split["train_ids"] if i in present][:n_train]
+    return small_catalog(dest, val + train)
+
+
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation; NaN for no values."""
-    if not values:
-        return float("nan")
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, round(q) - 1))] if q < 100 \
-        else max(values)
+    """The q-th percentile (0-100), linear interpolation; NaN for no values."""
+    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
 def ms(seconds: float) -> float:

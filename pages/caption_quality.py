@@ -48,7 +48,7 @@ if run is None:
     st.info("No run to show: train one (`make reference`) or add a runs folder in the sidebar.")
     st.stop()
 try:
-    if run.reported_only:
+    if run.reported_only and not run.has_checkpoint:
         st.info(f"**{run.name}** holds numbers reported elsewhere (no checkpoint, no captions). Its reported "
                 "losses are on the Training curves page.")
         st.stop()
@@ -113,8 +113,9 @@ with right:
             products=("id", "size"), sentence_bleu=("sentence_bleu", "mean"), last_two_match=("last_two", "mean"),
         ).sort_values("products", ascending=False).reset_index()
         st.dataframe(by_master, hide_index=True, key="quality_by_master", column_config={
-            "sentence_bleu": st.column_config.NumberColumn("mean sentence BLEU", format="%.1f"),
-            "last_two_match": st.column_config.ProgressColumn("last two words match", format="percent"),
+            "masterCategory": st.column_config.TextColumn("category"),
+            "sentence_bleu": st.column_config.NumberColumn("BLEU (mean)", format="%.1f"),
+            "last_two_match": st.column_config.ProgressColumn("last 2 match", format="percent", width="small"),
         })
 
 ranked = captions.sort_values("sentence_bleu", ascending=False) if "sentence_bleu" in captions else captions
@@ -151,7 +152,7 @@ view.insert(0, "image", [loaders.thumb_uri(image_dir / f"{int(i)}.jpg") for i in
 columns = [c for c in ["image", "id", "reference", "generated", "nn_caption", "sentence_bleu", "last_two_match",
                        "articleType", "baseColour", "gender"] if c in view]
 st.dataframe(
-    view[columns], hide_index=True, key="quality_table", row_height=64,
+    view[columns], hide_index=True, key="quality_table", row_height=64, height=38 + 64 * min(len(view), 8),
     column_config={
         "image": st.column_config.ImageColumn("image", width="small"),
         "id": st.column_config.NumberColumn("id", format="%d"),

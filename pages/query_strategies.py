@@ -1,5 +1,6 @@
 """Query strategies: one held-out product's caption turned into each strategy's query, the catalog's answers
-side by side with relevance marks, then every strategy's P@k / MRR / nDCG over all held-out products."""
+side by side with relevance marks (optionally refined, paper §IV-B), then every strategy's P@k / MRR / nDCG over
+all held-out products."""
 
 import random
 
@@ -9,7 +10,7 @@ import streamlit as st
 from ris_app import loaders
 from ris_app.charts import METRIC_LABELS, strategy_figure
 from ris_app.sidebar import sidebar
-from ris_app.widgets import result_grid, show_image
+from ris_app.widgets import md, refine_controls, refined_grid, result_grid, show_image
 from ris_core.data import DataError
 from ris_core.images import ImageError
 from ris_core.metrics import RELEVANCE_DESCRIPTIONS, RELEVANCE_LEVELS
@@ -33,7 +34,7 @@ try:
 except RunError as err:
     st.error(str(err))
     st.stop()
-if reported:
+if reported and not run.has_checkpoint:  # an imported paper notebook has real weights: it stays usable
     st.info(f"**{run.name}** holds reported numbers only (no checkpoint, no held-out captions). Pick a trained run.")
     st.stop()
 
@@ -49,6 +50,7 @@ with panel:
                      help="\n\n".join(f"**{name}**: {text}" for name, text in RELEVANCE_DESCRIPTIONS.items()))
     st.caption(RELEVANCE_DESCRIPTIONS[level])
     k = st.select_slider("Results per query", [5, 10, 20], value=10, key="strategies_k")
+    refine_on, threshold = refine_controls(toggle_key="strategies_refine", threshold_key="strategies_refine_threshold")
 
 # ---------------------------------------------------------------- one product
 
@@ -101,13 +103,14 @@ def one_product() -> None:
     with card, st.container(horizontal=True, gap="medium", vertical_alignment="center"):
         show_image(str(image_path), width=160)
         with st.container():
-            st.markdown(f"**Reference (product name):** {query['productDisplayName']}")
-            st.markdown(f"**Generated caption:** {caption or '*(empty caption)*'}")
+            st.markdown(f"**Reference (product name):** {md(query['productDisplayName'])}")
+            st.markdown(f"**Generated caption:** {md(caption) or '*(empty caption)*'}")
             st.caption(f"{query['articleType']} · {query['baseColour']} · {query['gender']} · {len(train_ids):,} "
                        "training products searchable")
     if not names:
         st.info("Choose at least one strategy above.")
         return
+    features = query_features(image_path, caption) if refine_on else None
     index = loaders.catalog_index(choice.data_dir, train_ids)
     columns = st.columns(len(names), border=True)
     for column, name in zip(columns, names, strict=True):
@@ -117,9 +120,31 @@ def one_product() -> None:
             st.caption(STRATEGY_DESCRIPTIONS.get(name, ""))
             st.code(text or "(empty query)", language=None, wrap_lines=True)
             response = index.search(text, k=k)
+            if features is not None:
+                st.markdown("**Before refinement**")
             hits = result_grid(response.results, products, query, level, width=110, query=text)
             if response.results:
                 st.caption(f"{hits} of {k} relevant ({level}) · {response.seconds * 1000:.1f} ms")
+            if features is not None and response.results:
+                with st.spinner("Captioning the results for refinement..."):
+                    outcome, ms = loaders.refine_results(run, *features, response.results, threshold)
+                refined_grid(outcome, ms, products, query, level, width=110)
+
+
+def query_features(image_path, caption: str):
+    """The held-out image's live (caption, embedding) for refinement, or None with a message in the card."""
+    from ris_core.modeling import CheckpointError
+
+    try:
+        with card, st.spinner("Captioning this product for refinement..."):
+            live_caption, embedding = loaders.query_features(run, image_path)
+    except (CheckpointError, ImageError) as err:
+        card.warning(f"Refinement is unavailable: {err}")
+        return None
+    if live_caption != caption:
+        card.caption(f"Refinement compares with the live caption “{md(live_caption) or '(empty)'}” and its "
+                     "image embedding.")
+    return live_caption, embedding
 
 
 one_product()
@@ -150,6 +175,37 @@ table = rows[["strategy", "source", "n", *METRICS, "zero_hit"]].rename(columns=M
 st.dataframe(table, hide_index=True, key="strategies_table",
              column_config={c: st.column_config.NumberColumn(format="%.3f")
                             for c in [*METRIC_LABELS.values(), "zero_hit"]})
+
+
+def refine_sentence(pair: dict) -> str:
+    """Whether refinement changed P@10 at R1 for one `<strategy>+refine` paired entry, in words."""
+    base, n = pair.get("b") or str(pair["a"]).removesuffix("+refine"), pair.get("n", "?")
+    cell = pair.get("R1_p_at_10") or {}
+    diff, (low, high) = cell.get("diff"), (cell.get("ci") or [None, None])
+    if diff is None or low is None or high is None:
+        return f"{base}: P@10 (R1) difference not available"
+    if low == high == 0 and diff == 0:
+        verdict = "unchanged on every query" + (  # without a threshold refinement only re-orders the top k
+            " (re-ordering the same top 10 cannot change P@10; P@1, MRR and nDCG can)"
+            if isinstance(summary.get("k", 10), int) and summary.get("k", 10) <= 10 else "")
+    else:
+        verdict = ("refinement raised it" if low > 0 else "refinement lowered it" if high < 0
+                   else "no clear change (the interval includes 0)")
+    return (f"{base}: P@10 (R1) refined − unrefined = {diff:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}] on {n} "
+            f"queries — {verdict}")
+
+
+refined_pairs = [p for p in summary.get("paired", []) if isinstance(p, dict)
+                 and str(p.get("a", "")).endswith("+refine")]
+if refined_pairs or (rows["source"] == "refine").any():
+    st.markdown("**Result refinement (paper §IV-B) against the same strategy unrefined**")
+    st.caption("Green rows (`+refine`): each strategy's results re-ranked by their agreement with the query image, "
+               "on a seeded subset of the held-out products (column n).")
+    if refined_pairs:
+        st.markdown("\n".join(f"- {refine_sentence(p)}" for p in refined_pairs))
+    else:
+        st.info("retrieval.json has +refine rows but no paired comparison with the unrefined strategies; "
+                "re-run the evaluation.")
 
 pair = next((p for p in summary.get("paired", []) if isinstance(p, dict)
              and p.get("a") == "last_two_words" and p.get("b") == "full_caption"), None)

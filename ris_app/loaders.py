@@ -8,10 +8,16 @@ Heavy imports (torch, transformers) happen inside the loaders, so pages that nee
 
 from __future__ import annotations
 
+import zipfile
+
 import base64
 import io
 import json
-from dataclasses import dataclass
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +27,10 @@ import streamlit as st
 from ris_core.data import Catalog, DataError, load_catalog
 from ris_core.images import ImageError, open_image, square
 from ris_core.runs import Run, RunError
+from ris_core.search import one_line
 
 THUMB_SIDE = 160  # px: grids and cards show images at ~120-160 px
+WEB_IMAGE_TTL = 600  # seconds a fetched web thumbnail (or its failure) is reused by refinement
 
 
 def stamp(*paths: Path) -> tuple[int, ...]:
@@ -37,7 +45,10 @@ def stamp(*paths: Path) -> tuple[int, ...]:
 
 
 def model_stamp(run: Run) -> tuple[int, ...]:
-    return stamp(run.model_dir / "config.json", *sorted(run.model_dir.glob("*.safetensors")))
+    """Our model/ folder's or an imported paper notebook's (notebook/) config and weights."""
+    notebook = run.path / "notebook"
+    return stamp(run.model_dir / "config.json", *sorted(run.model_dir.glob("*.safetensors")),
+                 notebook / "config.json", *sorted(notebook.glob("*.safetensors")))
 
 
 # ---------------------------------------------------------------- tables
@@ -161,9 +172,9 @@ def training_ids(run: Run, products: pd.DataFrame) -> list[int]:
 
 @st.cache_resource(show_spinner="Loading the captioner (once per run)...", max_entries=3)
 def _captioner(run_path: str, version: tuple[int, ...]):
-    from ris_core.captioner import Captioner
+    from ris_core.paper_notebook import load_any_captioner  # our model/ folder, or an imported notebook/
 
-    return Captioner.load(run_path)
+    return load_any_captioner(run_path)
 
 
 def captioner(run: Run):
@@ -180,6 +191,97 @@ def _caption_file(run_path: str, version: tuple[int, ...], image_path: str) -> s
 def caption_product(run: Run, image_path: Path) -> str:
     """A live caption of one catalog image (for products the evaluation did not caption)."""
     return _caption_file(str(run.path), model_stamp(run), str(image_path))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _query_features(run_path: str, version: tuple[int, ...], image_path: str,
+                    image_version: tuple[int, ...]) -> tuple[str, np.ndarray]:
+    batch = _captioner(run_path, version).run_batch([open_image(image_path)])
+    return batch.captions[0], np.asarray(batch.embeddings[0], dtype=np.float32)
+
+
+def query_features(run: Run, image_path: Path) -> tuple[str, np.ndarray]:
+    """(caption, embedding) of one image file from `run_batch`: the query side of result refinement."""
+    return _query_features(str(run.path), model_stamp(run), str(image_path), stamp(image_path))
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _caption_cache(run_path: str, version: tuple[int, ...]):
+    from ris_core.refine import CaptionCache
+
+    # In memory: the dashboard only reads run folders. Keyed by weights, so a retrained model starts afresh.
+    return CaptionCache(model_key=f"{run_path}@{'.'.join(map(str, version))}")
+
+
+def caption_cache(run: Run):
+    """Captions and embeddings of result images for refinement, one cache per run and model version."""
+    return _caption_cache(str(run.path), model_stamp(run))
+
+
+@dataclass
+class WebImages:
+    """Web thumbnails for refinement, fetched by refine's own fetcher (5 s timeout, 2 MB cap), several at a
+    time. Each answer, bytes or the error, is kept for `ttl` seconds: reruns neither fetch again nor wait
+    again on a host that just timed out. Thread-safe: one instance serves every session."""
+
+    ttl: float = WEB_IMAGE_TTL
+    max_items: int = 500  # ~50 kB per thumbnail: at most ~25 MB
+    workers: int = 8
+    _items: OrderedDict = field(default_factory=OrderedDict, repr=False)  # url -> (when, bytes | None, error)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _fresh(self, url: str) -> tuple | None:
+        with self._lock:
+            item = self._items.get(url)
+        return item if item is not None and time.monotonic() - item[0] < self.ttl else None
+
+    def _fetch(self, url: str) -> tuple:
+        from ris_core import refine  # looked up at call time, so tests can patch refine.fetch_url
+
+        try:
+            data, error = refine.fetch_url(url), ""
+        except Exception as err:  # noqa: BLE001 - any failure costs this one result (refine counts it)
+            data, error = None, one_line(f"{type(err).__name__}: {err}")
+        item = (time.monotonic(), data, error)
+        with self._lock:
+            self._items[url] = item
+            self._items.move_to_end(url)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return item
+
+    def prefetch(self, urls: list[str]) -> None:
+        missing = [u for u in dict.fromkeys(urls) if self._fresh(u) is None]
+        if missing:
+            with ThreadPoolExecutor(min(self.workers, len(missing))) as pool:
+                list(pool.map(self._fetch, missing))
+
+    def __call__(self, url: str) -> bytes:
+        from ris_core.refine import FetchError
+
+        _, data, error = self._fresh(url) or self._fetch(url)
+        if data is None:
+            raise FetchError(error)
+        return data
+
+
+@st.cache_resource(show_spinner=False)
+def web_images() -> WebImages:
+    return WebImages()
+
+
+def refine_results(run: Run, caption: str, embedding: np.ndarray, results: list,
+                   threshold: float | None = None):
+    """`ris_core.refine.refine` with the run's cached captioner and caption cache; web thumbnails are fetched
+    in parallel first. Returns (RefineOutcome, milliseconds). CheckpointError when the model cannot load."""
+    from ris_core.refine import image_source, refine
+
+    model = captioner(run)
+    started = time.perf_counter()
+    fetch = web_images()
+    fetch.prefetch([s for s in map(image_source, results) if "://" in s])
+    outcome = refine(model, caption, embedding, results, threshold, fetch, cache=caption_cache(run))
+    return outcome, (time.perf_counter() - started) * 1000
 
 
 @st.cache_resource(show_spinner="Indexing the catalog for text search...", max_entries=4)
@@ -215,8 +317,8 @@ def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, dat
                 kept = stored.ids[rows]
                 return ImageKnnIndex(kept, stored.vectors[rows], [str(cat.image_path(i)) for i in kept],
                                      names.loc[kept].tolist())
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable or foreign: embed afresh below
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # unreadable, torn or foreign: embed afresh below
     model = _captioner(run_path, model_version)
     kept, matrix, _ = embed_paths(model, [(i, cat.image_path(i)) for i in wanted], progress=False)
     return ImageKnnIndex(np.asarray(kept), matrix, [str(cat.image_path(i)) for i in kept], names.loc[kept].tolist())
@@ -267,7 +369,8 @@ def decode_upload(data: bytes):
 
 
 __all__ = [
-    "DataError", "Evaluation", "ImageError", "RunError", "caption_product", "captioner", "catalog",
-    "catalog_index", "decode_upload", "duckduckgo", "evaluation", "held_out_ids", "history", "knn_index",
-    "stamp", "thumb", "thumb_uri", "training_ids",
+    "DataError", "Evaluation", "ImageError", "RunError", "WebImages", "caption_cache", "caption_product",
+    "captioner", "catalog", "catalog_index", "decode_upload", "duckduckgo", "evaluation", "held_out_ids", "history",
+    "knn_index", "model_stamp", "query_features", "refine_results", "stamp", "thumb", "thumb_uri", "training_ids",
+    "web_images",
 ]

@@ -58,7 +58,8 @@ def run_label(run: Run, duplicate_names: set[str]) -> str:
     except RunError:
         return f"{label} · unreadable run.json"
     if info.get("reported_not_reproduced"):
-        return f"{label} · reported"
+        # An imported paper notebook: its history is the paper's reported numbers, its weights are real.
+        return f"{label} · reported history, notebook weights" if run.has_checkpoint else f"{label} · reported"
     if not run.has_checkpoint:
         return f"{label} · no checkpoint"
     return label

@@ -76,6 +76,13 @@ def _decode(raw: bytes, path: Path) -> str:
     raise DataError(f"{path}: not UTF-8 or cp1252 text; re-save it as UTF-8 CSV")
 
 
+def _unquote(name: str) -> str:
+    """A name another tool wrote quoted ("a, b") loses its quotes; Kaggle's bare 3.5" stays as it is."""
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        return name[1:-1].replace('""', '"')
+    return name
+
+
 def read_styles(path: Path) -> tuple[pd.DataFrame, LoadReport]:
     """Read a Kaggle `styles.csv`, rejoining names that hold unquoted commas.
 
@@ -85,8 +92,12 @@ def read_styles(path: Path) -> tuple[pd.DataFrame, LoadReport]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: point --data_dir at a folder holding styles.csv and images/")
-    rows = csv.reader(io.StringIO(_decode(path.read_bytes(), path)))
-    header = [h.strip() for h in next(rows, [])]
+    # Kaggle's file never quotes: QUOTE_NONE keeps a stray quote from swallowing the following lines
+    rows = csv.reader(io.StringIO(_decode(path.read_bytes(), path)), quoting=csv.QUOTE_NONE)
+    try:
+        header = [h.strip() for h in next(rows, [])]
+    except csv.Error as err:
+        raise DataError(f"{path} is not a readable CSV ({err})") from err
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise DataError(
@@ -96,15 +107,19 @@ def read_styles(path: Path) -> tuple[pd.DataFrame, LoadReport]:
     width = len(header)
     name_at = header.index("productDisplayName")
     records = []
-    for fields in rows:
-        if not fields:
-            continue
-        report.rows_read += 1
-        if len(fields) > width and name_at == width - 1:
-            fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
-            report.repaired_names += 1
-        fields = (fields + [""] * width)[:width]
-        records.append(fields)
+    try:
+        for fields in rows:
+            if not fields:
+                continue
+            report.rows_read += 1
+            if len(fields) > width and name_at == width - 1:
+                fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
+                report.repaired_names += 1
+            fields = (fields + [""] * width)[:width]
+            fields[name_at] = _unquote(fields[name_at])
+            records.append(fields)
+    except csv.Error as err:  # e.g. a NUL byte
+        raise DataError(f"{path}: line {rows.line_num} is not valid CSV ({err})") from err
     frame = pd.DataFrame(records, columns=header)[COLUMNS]
     frame = frame.apply(lambda col: col.str.strip())
     return frame, report

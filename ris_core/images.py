@@ -70,6 +70,9 @@ def square(image: Image.Image, size: int, source_max_side: int | None = None) ->
     if source_max_side and max(image.size) > source_max_side:
         image = image.copy()
         image.thumbnail((source_max_side, source_max_side), Image.Resampling.BILINEAR)
+    if max(image.size) > 4 * size:  # e.g. 1x39999: padding first would allocate gigabytes
+        image = image.copy()
+        image.thumbnail((4 * size, 4 * size), Image.Resampling.BILINEAR)
     side = max(image.size)
     canvas = Image.new("RGB", (side, side), BACKGROUND)
     canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))

@@ -160,11 +160,18 @@ def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpe
     if not any(model_dir.glob("*.safetensors")):
         raise CheckpointError(f"{model_dir} has no .safetensors weights")
     try:
-        model = VisionEncoderDecoderModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+        model, loading = VisionEncoderDecoderModel.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
     except HubUnavailable:
         raise
     except Exception as err:  # safetensors/transformers raise many types for truncated or mismatched files
         raise CheckpointError(f"{model_dir}: weights could not be loaded ({type(err).__name__}: {err})") from err
+    missing = [k for k in loading.get("missing_keys", []) if not k.endswith("lm_head.weight")]  # tied to wte
+    if missing:
+        raise CheckpointError(
+            f"{model_dir}: the weights file lacks {len(missing)} tensors (e.g. {missing[0]}); it is incomplete"
+        )
     model.eval()
     spec = ModelSpec(**config.get("ris_model_spec", {}))
     return model, spec

@@ -255,6 +255,26 @@ def test_query_strategies_without_evaluation_captions_live(runs_root, tmp_path, 
     assert "no retrieval evaluation yet" in texts(at)
 
 
+def test_query_strategies_refinement_before_after_and_aggregate(runs_root):
+    at = app("pages/query_strategies.py", run=runs_root / "evaluated")
+    body = texts(at)
+    assert "After refinement" not in body  # off by default
+    assert "P@10 (R1) refined − unrefined" in body and "95% CI" in body  # evaluate.py wrote +refine rows
+    assert "last_two_words+refine" in set(at.dataframe[-1].value["strategy"])
+    assert "refined (re-ranked by agreement" in at.get("plotly_chart")[0].proto.spec
+
+    at.toggle(key="strategies_refine").set_value(True).run()
+    assert_clean(at)
+    body = texts(at)
+    assert body.count("Before refinement") == 2 and body.count("After refinement") == 2
+    assert "agreement **" in body and "· was #" in body and "refined in" in body
+    assert body.count("dropped 0, failed 0") == 2
+
+    at.slider(key="strategies_refine_threshold").set_value(1.0).run()  # only a perfect agreement survives
+    assert_clean(at)
+    assert "dropped 0, failed 0" not in texts(at) and "dropped " in texts(at)
+
+
 # ---------------------------------------------------------------- 4. search demo
 
 
@@ -344,6 +364,70 @@ def test_search_demo_unavailable_backend_message_is_one_line(runs_root):
     assert [w.value for w in at.warning] == [
         "DuckDuckGo is not available (DuckDuckGo is unreachable (DNSError); use the local catalog or replay mode); "
         "showing local catalog results instead."]
+
+
+def test_search_demo_refines_web_and_visual_results_with_failures_counted(runs_root):
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (20, 20, 20), (240, 240, 240)]
+
+    class Web:
+        name = "duckduckgo"
+
+        def search(self, query, k=10):
+            results = [SearchResult(rank=i, title=f"web {i}", image=f"https://refine.invalid/{i}.jpg",
+                                    thumbnail=f"https://refine.invalid/t{i}.jpg", source_url="https://shop.invalid/x")
+                       for i in range(1, k + 1)]
+            return SearchResponse(query=query, backend="duckduckgo", results=results, seconds=0.001)
+
+    def fetch(url):  # stands in for the network: one thumbnail times out, the others are small PNGs
+        fetched.append(url)
+        index = int(url.rsplit("/t", 1)[1].split(".")[0])
+        if index == 2:
+            raise TimeoutError("timed out")
+        return png_bytes(color=colors[index % len(colors)])
+
+    fetched: list[str] = []
+    with mock.patch("ris_app.loaders.duckduckgo", return_value=Web()), \
+            mock.patch("ris_core.refine.fetch_url", side_effect=fetch):
+        at = app("pages/search_demo.py", run=runs_root / "evaluated")
+        at.radio(key="demo_backend").set_value("duckduckgo").run()
+        at.toggle(key="demo_refine").set_value(True).run()
+        assert_clean(at)
+        body = texts(at)
+        assert body.count("Before refinement") == 3 and body.count("After refinement") == 3  # 2 web + image kNN
+        assert body.count("dropped 0, failed 1") == 2 and "dropped 0, failed 0" in body  # kNN: local files
+        assert "TimeoutError" in body and "agreement **" in body and "refined in" in body
+        assert sorted(set(fetched)) == sorted(f"https://refine.invalid/t{i}.jpg" for i in range(1, 7))
+
+        calls = len(fetched)
+        at.slider(key="demo_refine_threshold").set_value(1.0).run()
+        assert_clean(at)
+        assert len(fetched) == calls  # thumbnails and failures are remembered: a rerun fetches nothing
+        assert "dropped 0" not in texts(at)
+
+
+def test_imported_paper_notebook_run_has_a_checkpoint(runs_root, tmp_path, monkeypatch):
+    from ris_core.paper_notebook import NotebookCaptioner, NotebookCaptionerConfig, save_notebook_dir
+
+    run = tmp_path / "runs" / "paper-notebook"
+    save_notebook_dir(NotebookCaptioner(NotebookCaptionerConfig(depth=1, width=64, heads=2, image_size=32,
+                                                                n_positions=64)), run / "notebook")
+    shutil.copyfile(runs_root / "evaluated" / "split.json", run / "split.json")
+    (run / "run.json").write_text(json.dumps({"kind": "paper-notebook", "reported_not_reproduced": True}))
+    (run / "history.csv").write_text("epoch,val_loss,val_perplexity\n5,1.156,3.18\n")
+    monkeypatch.setenv("RIS_RUNS_DIRS", str(tmp_path / "runs"))
+
+    at = app("pages/search_demo.py", run=run)
+    assert_clean(at)
+    assert "notebook weights" in at.sidebar.selectbox(key="sidebar_run").format_func(str(run.resolve()))
+    assert "Caption:" in texts(at) and "reported numbers only" not in texts(at)
+    at.toggle(key="demo_refine").set_value(True).run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert "After refinement" in texts(at)
+
+    at.switch_page("pages/query_strategies.py").run()
+    assert_clean(at)
+    assert "Generated caption" in texts(at) and "reported numbers only" not in texts(at)
 
 
 # ---------------------------------------------------------------- bad runs and folders

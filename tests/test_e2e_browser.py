@@ -224,4 +224,6 @@ def test_every_page_renders_and_the_demo_searches_an_upload(server, browser, tin
     assert "upload.jpg" in text and "captioned in" in text and "search:" in text
     assert_no_exception(browser, "Search demo after upload")
     shoot(browser, "5_search_demo_upload")
-    assert first_page_seconds < 15, f"first page took {first_page_seconds:.1f} s"
+    print(f"first page rendered {first_page_seconds:.2f} s after the request")
+    # The target is < 3 s; the bound leaves room for a loaded CI machine (the first run also imports pandas/plotly).
+    assert first_page_seconds < 8, f"first page took {first_page_seconds:.1f} s"

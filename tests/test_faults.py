@@ -4,6 +4,7 @@
 
 Each fault is injected at a deterministic point (a file appearing), not after a guessed delay, so the tests hit
 the window they name every time. The plain SIGKILL-after-a-whole-epoch resume is tests/test_training.py's job.
+Docstrings saying "Regression" name a failure these tests found and the library has since fixed.
 """
 
 from __future__ import annotations
@@ -104,22 +105,12 @@ def second_model_export(run_dir: Path):
     return condition
 
 
-CHECKPOINT_BUG = (
-    "library bug: transformers' Trainer._save_checkpoint creates checkpoints/checkpoint-<step>/ first and writes "
-    "trainer_state.json last (model, optimizer, scheduler, rng in between); get_last_checkpoint picks the "
-    "highest-numbered checkpoint-* folder without checking it is complete, and training/train.py step 2 passes it "
-    "to trainer.train(resume_from_checkpoint=...). A SIGKILL inside that window leaves e.g. an empty checkpoint-8/; "
-    "the same command then dies with a raw traceback 'ValueError: Can't find a valid checkpoint at "
-    ".../checkpoint-8' (or FileNotFoundError for its trainer_state.json), and so does every rerun: the run is stuck "
-    "until someone deletes the folder by hand. Fix: resume from the newest checkpoint holding trainer_state.json "
-    "(and/or write checkpoints to a temp name and rename).")
-
-
-@pytest.mark.parametrize("moment", [
-    pytest.param("checkpoint_write", marks=pytest.mark.xfail(strict=True, reason=CHECKPOINT_BUG)),
-    "model_export",
-])
+@pytest.mark.parametrize("moment", ["checkpoint_write", "model_export"])
 def test_training_killed_mid_write_resumes_to_a_consistent_run(tiny_catalog, tiny_run, tmp_path, moment):
+    """Regression (checkpoint_write): Trainer creates checkpoint-<step>/ first and writes trainer_state.json last;
+    resuming picked that half-written folder and died ("Can't find a valid checkpoint at .../checkpoint-8", or
+    FileNotFoundError for its trainer_state.json) on every rerun. model_export: killed while the best epoch's
+    model.tmp is written, before it is swapped in for model/."""
     epochs = 3
     cache = tiny_run.parents[1] / "cache"  # the session run's feature cache: no re-extraction
     args = tiny_train_args(tiny_catalog, tmp_path / "runs", cache, name="killed", epochs=epochs)
@@ -142,15 +133,19 @@ EVAL_FILES = ("captions.csv", "caption_metrics.json", "retrieval.csv", "retrieva
 
 @pytest.fixture(scope="module")
 def resumed_evaluation(tiny_run, tiny_catalog, tmp_path_factory) -> tuple[Path, list[str]]:
-    """A copy of the tiny run whose evaluation was SIGKILLed twice (while captioning, while embedding the
-    catalog), then rerun with the same command to the end. Returns the run and what each kill left behind."""
+    """A copy of the tiny run whose evaluation was SIGKILLed three times (while captioning, while embedding the
+    catalog, while searching), then rerun with the same command to the end. Returns the run and what each kill
+    left behind."""
     run = shutil.copytree(tiny_run, tmp_path_factory.mktemp("eval_kill") / "run",
                           ignore=shutil.ignore_patterns("checkpoints", "eval"))
     eval_dir = run / "eval"
     args = ["--run", str(run), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50"]
-    moments = [
+    moments = [  # each rerun gets one stage further, then is killed inside the next one
         ("captioning", lambda: eval_dir.is_dir() and not (eval_dir / "state.json").exists()),
-        ("embedding the catalog", lambda: (eval_dir / "state.json").exists()),
+        ("embedding the catalog", lambda: (eval_dir / "state.json").exists()
+         and not (eval_dir / "catalog_knn.npz").exists()),
+        ("searching", lambda: (eval_dir / "caption_metrics.json").exists()
+         and not (eval_dir / "retrieval.json").exists()),
     ]
     left = []
     for name, condition in moments:
@@ -161,7 +156,7 @@ def resumed_evaluation(tiny_run, tiny_catalog, tmp_path_factory) -> tuple[Path, 
     return run, left
 
 
-def test_evaluation_killed_twice_then_rerun_writes_all_four_files(resumed_evaluation):
+def test_evaluation_killed_three_times_then_rerun_writes_all_four_files(resumed_evaluation):
     run, left = resumed_evaluation
     eval_dir = run / "eval"
     assert all((eval_dir / name).is_file() for name in EVAL_FILES), left
@@ -176,13 +171,10 @@ def test_evaluation_killed_twice_then_rerun_writes_all_four_files(resumed_evalua
     assert summary["n_queries"] == len(captions) and summary["rows"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: training/evaluate.py writes eval/val_embeddings.npy with a plain np.save (not atomic) while "
-    "eval/state.json still holds the previous run's captions_key. A `--force` rerun killed inside that np.save "
-    "leaves a torn .npy; the next run (same model, same products) trusts state.json, reuses it and dies with a raw "
-    "'ValueError: Failed to read all data for array ... (file seems not fully written?)' from np.load at "
-    "evaluate.py:107, and keeps dying until --force. Expected: recompute (or write the .npy atomically)."))
 def test_a_torn_embedding_file_from_a_killed_forced_rerun_is_recomputed(resumed_evaluation, tiny_catalog, tmp_path):
+    """Regression: eval/val_embeddings.npy was written with a plain np.save while state.json kept the previous
+    run's captions_key, so a --force rerun killed inside np.save left a torn file that every later run reused and
+    died on (raw ValueError from np.load)."""
     from training.evaluate import main as evaluate_main
 
     run = shutil.copytree(resumed_evaluation[0], tmp_path / "run")
@@ -397,13 +389,10 @@ def test_dashboard_survives_its_run_folder_being_corrupted_then_deleted(resumed_
 
 
 @pytest.mark.skipif(not DASHBOARD.is_file(), reason="dashboard.py does not exist yet")
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: ris_app/loaders.py _knn_index reads <run>/eval/catalog_knn.npz inside "
-    "`except (OSError, ValueError, KeyError)`, but a cut-short .npz raises zipfile.BadZipFile and an empty one "
-    "EOFError (neither is caught), so the search demo page shows a raw exception instead of re-embedding the "
-    "catalog. Input: catalog_knn.npz truncated to half (e.g. a run folder copied while the evaluation was writing)."))
 def test_dashboard_search_demo_survives_a_cut_short_knn_index(resumed_evaluation, tiny_catalog, tmp_path,
                                                               monkeypatch):
+    """Regression: ris_app.loaders read eval/catalog_knn.npz catching (OSError, ValueError, KeyError) only; a cut
+    short .npz raises zipfile.BadZipFile (an empty one EOFError) and the search demo showed a raw exception."""
     run = shutil.copytree(resumed_evaluation[0], tmp_path / "runs" / "torn_knn")
     cut(run / "eval" / "catalog_knn.npz", 0.5)
     with mock.patch("ris_core.search.duckduckgo._default_ddgs_factory", side_effect=OSError("network disabled")):

@@ -4,12 +4,13 @@
 
 Entry points: `open_image` and the captioner (images), `load_catalog` (styles.csv), `load_model_dir` /
 `Captioner.load` / `torch.load` (checkpoints), every query strategy, `CatalogIndex.search`, `naive_search` and
-`DuckDuckGoImages.search` (queries). Cases the library gets wrong today are strict xfails whose reason names the
-input, what we expect and what happens; remove the marker once the library is fixed (strict makes it fail then).
+`DuckDuckGoImages.search` (queries). Tests marked "regression" guard a failure these tests found and the library
+has since fixed (the comment names the input and what used to happen).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import io
 import json
@@ -224,12 +225,9 @@ assert out.size == (128, 128), out.size
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: a 1x39999 PNG (~40k pixels, under MAX_PIXELS) passes open_image, then "
-    "ris_core.images.square(image, 128) with source_max_side=None pads it to a 39999x39999 RGB canvas "
-    "(4.8 GB) before resizing: MemoryError under a 1.5 GB limit. Used by ris_app.loaders.thumb and "
-    "by Captioner.preprocess for specs with source_max_side=None (paper preset)."))
 def test_square_does_not_allocate_a_canvas_for_extreme_aspect_ratios(tmp_path):
+    """Regression: a 1x39999 PNG (40k pixels, under MAX_PIXELS) passed open_image, then square(image, 128) with
+    source_max_side=None (dashboard thumbnails, the paper preset) padded it to a 39999x39999 canvas: 4.8 GB."""
     path = tmp_path / "tall.png"
     path.write_bytes(encode(Image.new("RGB", (1, 39_999), (9, 9, 9)), "PNG"))
     done = subprocess.run([sys.executable, "-c", SQUARE_PROBE, str(path)], cwd=REPO, capture_output=True,
@@ -251,7 +249,6 @@ def catalog_dir(root: Path, styles: bytes, rows: list[str] = DEMO_ROWS) -> Path:
 
 
 GOOD_TEXT = HEADER + "".join(DEMO_ROWS)
-RAW_CSV_ERROR = "library bug: csv.reader raises the raw _csv.Error ({}) instead of DataError; input: {}"
 
 BAD_STYLES = [
     pytest.param(GOOD_TEXT.replace("articleType,", "").encode(), r"lacks the columns \['articleType'\]",
@@ -263,20 +260,13 @@ BAD_STYLES = [
                  r"not UTF-8 or cp1252", id="jpeg_renamed_csv"),
     pytest.param(b"", r"lacks the columns", id="empty_file"),
     pytest.param(HEADER.encode(), r"no usable products", id="header_only"),
-    pytest.param(GOOD_TEXT.replace("\n", "\r").encode(), r"line|newline|CR", id="cr_only_line_endings",
-                 marks=pytest.mark.xfail(strict=True, reason=RAW_CSV_ERROR.format(
-                     "new-line character seen in unquoted field", "a styles.csv saved with old-Mac CR-only "
-                     "line endings (expected: read like CRLF, or DataError)"))),
+    # regressions: these three raised a raw _csv.Error ("new-line character seen in unquoted field",
+    # "field larger than field limit (131072)") instead of DataError
+    pytest.param(GOOD_TEXT.replace("\n", "\r").encode(), r"line|newline|CR", id="cr_only_line_endings"),
     pytest.param(GOOD_TEXT.replace("Titan Women", "Titan\rWomen").encode(), r"line|newline|CR",
-                 id="stray_cr_in_a_name",
-                 marks=pytest.mark.xfail(strict=True, reason=RAW_CSV_ERROR.format(
-                     "new-line character seen in unquoted field", "one name holding a lone \\r "
-                     "(expected: the row kept or skipped and counted)"))),
+                 id="stray_cr_in_a_name"),
     pytest.param((HEADER + "1,Men,A,B,C,D,E,2011,F," + "x" * 200_000 + "\n").encode(), r"field|long|large",
-                 id="field_over_128k",
-                 marks=pytest.mark.xfail(strict=True, reason=RAW_CSV_ERROR.format(
-                     "field larger than field limit (131072)", "a 200,000-character name "
-                     "(expected: DataError naming the line, or the row skipped and counted)"))),
+                 id="field_over_128k"),
 ]
 
 
@@ -302,12 +292,9 @@ def test_duplicate_ids_are_counted_and_the_first_row_kept(tmp_path):
     assert "3 duplicate ids" in report.summary()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug (silent data loss): a name starting with an unmatched double quote "
-    "('\"Titan Women Silver Watch') makes csv.reader swallow every following line into that one field; "
-    "expected 5 products (or the merged rows counted), actual: 1 product, rows_read=1, nothing reported. "
-    "Kaggle's styles.csv never quotes fields, so quoting=csv.QUOTE_NONE would read it right."))
 def test_a_stray_quote_does_not_swallow_the_following_rows(tmp_path):
+    """Regression (silent data loss): a name starting with an unmatched quote made csv.reader swallow every
+    following line into that field: 1 product of 5, rows_read=1, nothing reported."""
     styles = GOOD_TEXT.replace("Titan Women", '"Titan Women').encode()
     catalog = load_catalog(catalog_dir(tmp_path / "c", styles))
     assert len(catalog) == len(DEMO_ROWS)
@@ -351,11 +338,8 @@ CHECKPOINT_DAMAGE = [
     ("missing_config", r"no config\.json"),
     ("config_not_json", r"not valid JSON"),
     ("bert_config", r"'bert' model, not a vision-encoder-decoder"),
-    pytest.param("missing_tensors", r"missing|incomplete", marks=pytest.mark.xfail(strict=True, reason=(
-        "library bug: a model.safetensors lacking tensors (here every decoder.*.mlp.* weight) loads without "
-        "error: transformers re-initialises the missing weights at random and only prints a LOAD REPORT; "
-        "expected CheckpointError from load_model_dir (e.g. from_pretrained(..., output_loading_info=True) "
-        "and refuse missing_keys)."))),
+    # regression: a weights file lacking tensors loaded, the missing ones re-initialised at random
+    ("missing_tensors", r"lacks \d+ tensors"),
 ]
 
 
@@ -429,18 +413,34 @@ def test_image_knn_index_refuses_pickled_arrays(tmp_path):
     assert not marker.exists()
 
 
+def unsafe_loads(source: str) -> list[tuple[int, str]]:
+    """(line, call) of torch.load without weights_only=True, np.load without allow_pickle=False, pickle.load(s)."""
+    required = {("torch", "load"): ("weights_only", True), ("np", "load"): ("allow_pickle", False),
+                ("numpy", "load"): ("allow_pickle", False)}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)):
+            continue
+        owner, name = node.func.value.id, node.func.attr
+        if owner == "pickle" and name in ("load", "loads"):
+            found.append((node.lineno, f"pickle.{name}"))
+        elif (owner, name) in required:
+            keyword, value = required[(owner, name)]
+            given = {k.arg: k.value for k in node.keywords}
+            if not (isinstance(given.get(keyword), ast.Constant) and given[keyword].value is value):
+                found.append((node.lineno, f"{owner}.{name} without {keyword}={value}"))
+    return found
+
+
 def test_every_loader_in_the_code_base_refuses_pickles():
     """Static guard for the policy above: torch.load with weights_only=True, np.load with allow_pickle=False."""
-    offenders = []
-    for root in ("ris_core", "training", "ris_app", "pages"):
-        for path in sorted((REPO / root).rglob("*.py")):
-            for number, line in enumerate(path.read_text().splitlines(), start=1):
-                if "torch.load(" in line and "weights_only=True" not in line:
-                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
-                if re.search(r"\bnp\.load\(", line) and "allow_pickle=False" not in line:
-                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
-                if re.search(r"\bpickle\.loads?\(", line):
-                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert unsafe_loads("torch.load(p)\nnp.load(p, allow_pickle=True)\ntorch.load(\n p, weights_only=True)") == [
+        (1, "torch.load without weights_only=True"), (2, "np.load without allow_pickle=False")]
+    offenders = [f"{path.relative_to(REPO)}:{line}: {call}"
+                 for root in ("ris_core", "training", "ris_app", "pages", "bench")
+                 for path in sorted((REPO / root).rglob("*.py"))
+                 for line, call in unsafe_loads(path.read_text())]
     assert not offenders, offenders
 
 
@@ -455,18 +455,15 @@ def test_paper_notebook_checkpoint_loader_refuses_code(tmp_path):
         pytest.skip("ris_core.paper_notebook has no load_notebook_checkpoint yet")
     marker = tmp_path / "side_effect.txt"
     path = hostile_pickle(tmp_path / "notebook_checkpoint.pt", marker)
-    with pytest.raises(Exception) as info:  # noqa: B017 - any refusal will do, as long as no code ran
+    from ris_core.modeling import CheckpointError
+
+    with pytest.raises(CheckpointError) as info:
         loader(path)
     assert not marker.exists(), "unpickling the checkpoint ran code"
-    assert "Traceback" not in str(info.value)
+    assert str(path) in str(info.value) and "Traceback" not in str(info.value)
 
 
 # ---------------------------------------------------------------- queries
-
-LONE_SURROGATE_REASON = (
-    "library bug: a lone surrogate inside a word ('ab\\ud800cd') survives every strategy (words() keeps inner "
-    "characters), and DuckDuckGoImages.search then raises a raw UnicodeEncodeError from ResultCache.key "
-    "(json.dumps(...).encode()) instead of returning or raising SearchUnavailable")
 
 HOSTILE_QUERIES = [
     pytest.param("x" * 10_000, id="10k_one_word"),
@@ -525,12 +522,10 @@ class FakeDDGS:
         return [{"title": query[:40], "image": "https://img.invalid/1.jpg"}]
 
 
-@pytest.mark.parametrize("query", [
-    p if p.id != "lone_surrogate_in_word" else pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(
-        strict=True, reason=LONE_SURROGATE_REASON))
-    for p in HOSTILE_QUERIES
-])
+@pytest.mark.parametrize("query", HOSTILE_QUERIES)
 def test_hostile_strategy_queries_through_duckduckgo_return_or_say_unavailable(tmp_path, query):
+    """Regression (lone_surrogate_in_word): 'ab\\ud800cd' survives the strategies, and ResultCache.key raised a raw
+    UnicodeEncodeError instead of a response or SearchUnavailable."""
     web = DuckDuckGoImages(cache_path=tmp_path / "ddg.sqlite", ddgs_factory=FakeDDGS(), sleep=lambda s: None)
     for name, fn in STRATEGIES.items():
         try:

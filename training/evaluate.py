@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+def _load_npy(path: Path) -> np.ndarray | None:
+    """The array, or None when missing or torn (then it is recomputed)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -96,9 +112,9 @@ def main(argv: list[str] | None = None) -> Path:
                        missing, len(split.val_ids), data_dir, len(val_ids))
     val_ids = val_ids[: args.max_products]
     train_ids = [i for i in split.train_ids if i in products.index]
+    captioner = load_any_captioner(run.path)  # before touching eval/: a corrupt checkpoint leaves no trace
     eval_dir = run.eval_dir
     eval_dir.mkdir(exist_ok=True)
-    captioner = load_any_captioner(run.path)
     model_key = _model_digest(run)
 
     # 2. Caption every held-out image (reused when the same model already captioned the same products)
@@ -106,10 +122,12 @@ def main(argv: list[str] | None = None) -> Path:
     val_key = _digest(model_key, str(data_dir.resolve()), val_ids, args.num_beams)
     state_path = eval_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if not args.force and state.get("captions_key") == val_key and captions_path.is_file():
+    embeddings_path = eval_dir / "val_embeddings.npy"  # not committed (large): recomputed on a fresh clone
+    if (not args.force and state.get("captions_key") == val_key and captions_path.is_file()
+            and _load_npy(embeddings_path) is not None):
         logger.info("reusing %s", captions_path)
         captions = pd.read_csv(captions_path, keep_default_na=False)
-        val_emb = np.load(eval_dir / "val_embeddings.npy", allow_pickle=False)
+        val_emb = _load_npy(embeddings_path)
         kept, skipped, loss_sum, tokens, rate = (captions["id"].tolist(), state["skipped"], state["loss_sum"],
                                                  state["tokens"], state["images_per_second"])
     else:
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise DataError(f"no held-out image in {data_dir} could be decoded ({len(skipped)} skipped)")
         val_emb = np.concatenate(chunks).astype(np.float32)
         captions = pd.DataFrame({"id": kept, "reference": [names[i] for i in kept], "generated": generated})
-        np.save(eval_dir / "val_embeddings.npy", val_emb)
+        _save_npy_atomic(embeddings_path, val_emb)
         write_csv_atomic(captions_path, captions)
         write_json_atomic(state_path, {"captions_key": val_key, "skipped": skipped, "loss_sum": loss_sum,
                                        "tokens": tokens, "images_per_second": rate})

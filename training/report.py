@@ -62,9 +62,28 @@ def retrieval_table(run: Run, level: str = "R1") -> str:
         lines.append(f"| {r['strategy']} | {r['source']} | {r['p_at_1']:.3f} | {r['p_at_10']:.3f} "
                      f"[{low:.3f}, {high:.3f}] | {r['mrr']:.3f} | {r['ndcg_at_10']:.3f} | {r['zero_hit']:.3f} |")
     for pair in summary["paired"]:
+        if pair["a"].endswith("+refine"):
+            continue
         diff = pair[f"{level}_p_at_10"]
         lines.append(f"\nPaired P@10 ({level}) {pair['a']} − {pair['b']}: {diff['diff']:+.3f} "
                      f"[{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}] over {pair['n']:,} queries.")
+    return "\n".join(lines)
+
+
+def refinement_table(run: Run, level: str = "R1") -> str:
+    """Paired (refined − unrefined) differences on the same queries, per strategy."""
+    summary = json.loads((run.eval_dir / "retrieval.json").read_text())
+    pairs = [p for p in summary["paired"] if p["a"].endswith("+refine")]
+    if not pairs:
+        return "no refinement rows"
+    metrics = [("p_at_1", "P@1"), ("mrr", "MRR"), ("ndcg_at_10", "nDCG@10"), ("p_at_10", "P@10")]
+    lines = [f"Paired differences, refined − unrefined, level {level}, {pairs[0]['n']:,} seeded queries "
+             "(95% bootstrap CI):", "", "| strategy | " + " | ".join(m[1] for m in metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
+    for pair in pairs:
+        cells = [f"{pair[f'{level}_{key}']['diff']:+.3f} [{pair[f'{level}_{key}']['ci'][0]:+.3f}, "
+                 f"{pair[f'{level}_{key}']['ci'][1]:+.3f}]" for key, _ in metrics]
+        lines.append(f"| {pair['b']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -79,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     if (run.eval_dir / "retrieval.json").is_file():
         for level in ("R1", "R2", "R3"):
             print(f"\n### Retrieval ({level})\n\n" + retrieval_table(run, level))
+        for level in ("R1", "R2", "R3"):
+            print(f"\n### Refinement ({level})\n\n" + refinement_table(run, level))
 
 
 if __name__ == "__main__":

@@ -175,6 +175,21 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """Trainer writes trainer_state.json last: a checkpoint without it was cut short by a kill.
+
+    Such a folder is renamed `incomplete-*` (kept for inspection, never resumed from).
+    """
+    if not folder.is_dir():
+        return None
+    for candidate in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if (candidate / "trainer_state.json").is_file():
+            return get_last_checkpoint(str(folder))
+        logger.warning("setting aside %s: written only in part (the run was killed while saving)", candidate)
+        candidate.rename(candidate.with_name(f"incomplete-{candidate.name}-{int(time.time())}"))
+    return None
+
+
 def open_run_dir(run_dir: Path, resolved: dict) -> bool:
     """Create the run folder, or check it holds this same run (then resume). Never overwrites."""
     info_path = run_dir / "run.json"
@@ -207,7 +222,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 2. Open (or resume) the run folder before any heavy work
     resuming = open_run_dir(run_dir, resolved)
-    last_checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
+    last_checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
     logger.info("%s run %s%s", "resuming" if resuming else "starting", run_dir,
                 f" from {last_checkpoint}" if last_checkpoint else "")
 

@@ -157,7 +157,8 @@ class DuckDuckGoImages:
 
     def search(self, query: str, k: int = 10) -> SearchResponse:
         start = time.perf_counter()
-        text = " ".join(str(query).split())  # whitespace variants share one cache entry
+        # whitespace variants share one cache entry; lone surrogates (not encodable) become U+FFFD
+        text = " ".join(str(query).encode("utf-8", "replace").decode("utf-8").split())
         if not text or k <= 0:
             return SearchResponse(query=query, backend=self.name, results=[], seconds=time.perf_counter() - start)
         params = self.params(text, k)

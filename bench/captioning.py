@@ -1,0 +1,83 @@
+"""Captioning throughput at batch 1 and batch 64, against a floor from the model's FLOPs and this CPU's matmul rate.
+
+The floor is what captioning would cost if every floating-point operation ran at the speed of one large matmul:
+encoder FLOPs at the bf16 rate (the frozen backbone runs under bf16 autocast) plus decoder FLOPs at the fp32 rate.
+`x_floor` = measured seconds per caption / floor seconds per caption (1.0 would be perfect).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import demo_image_paths, reference_run
+from bench.machine import matmul_gflops
+from ris_core.images import open_image
+
+
+def load_captioner():
+    """(captioner, where it came from): the reference run, any trained run, or an untrained ModelSpec()."""
+    from ris_core.captioner import Captioner
+    from ris_core.modeling import ModelSpec, build_captioner
+
+    run, why = reference_run()
+    if run is not None:
+        return Captioner.load(run.path), why
+    spec = ModelSpec()
+    model = build_captioner(spec).eval()
+    return Captioner(model=model, spec=spec, name="untrained"), f"untrained build_captioner(ModelSpec()) ({why})"
+
+
+def caption_flops(captioner, images) -> tuple[float, float, float]:
+    """(encoder, decoder, tokens) per caption for one `run_batch` over `images`, counted by FlopCounterMode."""
+    from ris_core.tokenizer import gpt2_tokenizer
+
+    pixels = captioner.preprocess(images)
+    with FlopCounterMode(display=False) as encoder_count:
+        mid, final = captioner.model.encoder.backbone_maps(pixels)
+        captioner.model.encoder.tokens_from_maps(mid, final)
+    with FlopCounterMode(display=False) as total_count:
+        captions = captioner.run_batch(images).captions
+    encoder = encoder_count.get_total_flops()
+    decoder = total_count.get_total_flops() - encoder
+    tokens = sum(len(gpt2_tokenizer()(c)["input_ids"]) + 1 for c in captions)  # + EOS
+    n = len(images)
+    return encoder / n, decoder / n, tokens / n
+
+
+def images_per_second(captioner, images, batch_size: int, repeats: int) -> float:
+    captioner.caption(images[:batch_size], batch_size=batch_size)  # warm-up at this shape
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        captioner.caption(images, batch_size=batch_size)
+        best = min(best, time.perf_counter() - start)
+    return len(images) / best
+
+
+def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16_gflops: float | None = None) -> dict:
+    torch.manual_seed(0)
+    captioner, source = load_captioner()
+    small, large = (1, 4) if quick else (1, 64)
+    images = [open_image(p) for p in demo_image_paths(large)]
+    n = 512 if quick else 2048
+    fp32 = fp32_gflops or matmul_gflops("float32", n, 2 if quick else 5)
+    bf16 = bf16_gflops or matmul_gflops("bfloat16", n, 2 if quick else 5)
+    out: dict = {"model": source, "parameters_millions": round(sum(p.numel() for p in captioner.model.parameters())
+                                                                / 1e6, 2)}
+    for batch, count, repeats in ((small, 2 if quick else 16, 1 if quick else 2), (large, large, 1 if quick else 3)):
+        rate = images_per_second(captioner, images[:count], batch, repeats)
+        encoder, decoder, tokens = caption_flops(captioner, images[:batch])
+        floor = encoder / (bf16 * 1e9) + decoder / (fp32 * 1e9)
+        out.update({
+            f"batch_{batch}_images_per_second": round(rate, 2),
+            f"batch_{batch}_gflops_per_caption": round((encoder + decoder) / 1e9, 3),
+            f"batch_{batch}_encoder_gflops_per_caption": round(encoder / 1e9, 3),
+            f"batch_{batch}_tokens_per_caption": round(tokens, 1),
+            f"batch_{batch}_floor_images_per_second": round(1 / floor, 1),
+            f"batch_{batch}_x_floor": round((1 / rate) / floor, 1),
+        })
+    out.update(matmul_fp32_gflops=round(fp32, 1), matmul_bf16_gflops=round(bf16, 1))
+    return out

@@ -1,0 +1,44 @@
+"""End-to-end retrieval evaluation of the reference run: `training.evaluate.main` on a copy, wall time.
+
+The copy (in a temp folder, without checkpoints/ and eval/) keeps the real run untouched; --force recomputes
+captions and embeddings. Full: every held-out product of data/demo. --quick: a 64-product cut of data/demo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import reference_run, run_sample
+from ris_core.data import DEFAULT_DATA_DIR
+
+
+def bench_evaluation(quick: bool = False) -> dict:
+    from training.evaluate import main as evaluate_main
+
+    run, source = reference_run()
+    if run is None:
+        return {"skipped": source}
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        copy = shutil.copytree(run.path, Path(tmp) / run.name, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+        data_dir = DEFAULT_DATA_DIR
+        args = ["--run", str(copy), "--force", "--quiet"]
+        if quick:  # 16 held-out and 48 training products of the demo catalog: seconds, not minutes
+            data_dir = run_sample(run, Path(tmp) / "data", 16, 48)
+            args += ["--max_products", "16", "--n_boot", "50"]
+        logging.getLogger("training.evaluate").setLevel(logging.ERROR)  # its "N of M missing" warning is expected
+        start = time.perf_counter()
+        eval_dir = evaluate_main([*args, "--data_dir", str(data_dir)])
+        seconds = time.perf_counter() - start
+        metrics = json.loads((eval_dir / "caption_metrics.json").read_text())
+        retrieval = json.loads((eval_dir / "retrieval.json").read_text())
+    return {
+        "model": source, "data_dir": str(data_dir if not quick else f"{DEFAULT_DATA_DIR} (64-product cut)"),
+        "held_out_scored": metrics["n_scored"], "catalog_products": retrieval["catalog_size"],
+        "wall_seconds": round(seconds, 1), "captioning_images_per_second": round(metrics["images_per_second"], 1),
+        "bleu_4": round(metrics["model"]["bleu_4"], 2),
+    }

@@ -1,0 +1,47 @@
+"""`python -m bench.run --quick` end to end: every benchmark runs on tiny sizes and the JSON has its figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+EXPECTED = {
+    "captioning": {"model", "batch_1_images_per_second", "batch_4_images_per_second", "batch_1_gflops_per_caption",
+                   "batch_1_x_floor", "batch_4_x_floor", "matmul_fp32_gflops", "matmul_bf16_gflops"},
+    "training": {"samples_per_second", "projected_epoch_minutes_39990", "shortlist_tokens", "batch_size"},
+    "search": {"index_seconds", "query_p50_ms", "query_p99_ms", "naive_p50_ms", "naive_over_fts_p50", "products"},
+    "dashboard": {"model", *(f"{kind}_{page}_seconds" for kind in ("cold", "warm", "switch_to")
+                             for page in ("training_curves", "caption_quality", "query_strategies", "search_demo"))},
+}
+
+
+def test_quick_bench_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["date"]
+    machine = report["machine"]
+    assert {"cpu_model", "cores_logical", "torch_threads", "matmul_fp32_gflops", "matmul_bf16_gflops"} <= set(machine)
+    assert machine["matmul_fp32_gflops"] > 0 and machine["matmul_bf16_gflops"] > 0
+    benchmarks = report["benchmarks"]
+    assert set(benchmarks) == {"captioning", "training", "search", "evaluation", "dashboard"}
+    errors = {name: figures["error"] for name, figures in benchmarks.items() if "error" in figures}
+    assert not errors, errors
+    for name, keys in EXPECTED.items():
+        if "skipped" not in benchmarks[name]:
+            assert keys <= set(benchmarks[name]), (name, keys - set(benchmarks[name]))
+    evaluation = benchmarks["evaluation"]
+    assert "skipped" in evaluation or {"wall_seconds", "held_out_scored", "catalog_products"} <= set(evaluation)
+    assert benchmarks["search"]["naive_over_fts_p50"] > 1  # the index beats the Python loop even on 3k products
+    assert "benchmark  figure" in done.stdout  # the printed table
