@@ -1,8 +1,10 @@
 """Dashboard page timings under Streamlit's AppTest: first render of each page and the cost of a page switch.
 
 AppTest runs the real scripts in this process (no browser, no websocket), so these are server-side times: the
-script, the cached loaders and the element tree. `cold` renders run first, in page order, on empty caches (the
-captioner, catalog index and image-kNN index are built by whichever page first needs them); `warm` renders are
+script, the cached loaders and the element tree. `cold` renders run first, in page order, on empty Streamlit caches
+(the captioner, catalog index and image-kNN index are built by whichever page first needs them; Python imports are
+already warm when other benchmarks ran before; the search demo reuses <run>/eval/catalog_knn.npz when the run has
+been evaluated, else embeds every catalog image, minutes on data/demo); `warm` renders are
 new sessions once every cache is full; `switch` is moving between pages inside one warm session.
 tests/load_dashboard.py measures a real `streamlit run` server with 20 concurrent sessions.
 """

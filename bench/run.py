@@ -1,9 +1,9 @@
 """Run the benchmarks, print one table, and write results/bench.json (atomically) with the machine and the date.
 
-    python -m bench.run                          # everything, full sizes (make bench); ~15-25 min on 2 cores
-    python -m bench.run --quick --out /tmp/b.json  # tiny sizes: a smoke run in about a minute
+    python -m bench.run                          # everything, full sizes (make bench); ~3 min on 2 idle cores
+    python -m bench.run --quick --out /tmp/b.json  # tiny sizes: a smoke run in about 20 s
     python -m bench.run --only search captioning   # some of them
-    python -m bench.run --load                     # also tests/load_dashboard.py: 20 sessions for 60 s
+    python -m bench.run --load                     # also tests/load_dashboard.py: 20 sessions for 60 s (+1.5 min)
 
 Run it on an idle machine: `machine.load_average_1min_at_start` above the core count means the figures are low.
 A benchmark that fails records {"error": ...} and the others still run.
@@ -53,6 +53,8 @@ def bench_load(quick: bool = False) -> dict:
         "page_loads": concurrent["page_loads"], "p50_seconds": concurrent["p50_seconds"],
         "p95_seconds": concurrent["p95_seconds"], "max_seconds": concurrent["max_seconds"],
         "server_rss_peak_mb": summary["server_rss_peak_mb"], "server_rss_growth_mb": summary["server_rss_growth_mb"],
+        "server_rss_second_half_growth_mb": summary["server_rss_second_half_growth_mb"],
+        "server_rss_10s_after_close_mb": summary["server_rss_10s_after_close_mb"],
         "captioner_loads": summary["loads_counted_in_server"]["captioner"], "problem_count": summary["problem_count"],
         "checks": summary["checks"], "cold_page_seconds": summary["cold_page_seconds"],
         "per_page": concurrent["pages"],

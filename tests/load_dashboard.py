@@ -16,7 +16,9 @@ What this does not measure: the browser's own rendering time.
 
 Checks (exit code 1 if one fails): no exception element, error alert, page timeout or transport error in any
 session; the captioner loaded once (the server process counts `Captioner.load` calls, see `serve`); server memory
-bounded (peak RSS under --max-rss-gb, and growth during the concurrent phase under --max-growth-mb).
+bounded: peak RSS under --max_rss_gb, growth per session under --max_growth_per_session_mb (each session keeps its
+own state and media files), and no steady growth: the second half of the concurrent phase adds under
+--max_late_growth_mb (a leak keeps growing with every page load; per-session state stops once all sessions are in).
 """
 
 from __future__ import annotations
@@ -274,7 +276,8 @@ def free_port() -> int:
 
 
 def run_load_test(sessions: int = 20, seconds: float = 60, max_loads: int = 200, timeout: float = 600,
-                  max_rss_gb: float = 4.0, max_growth_mb: float = 500, port: int | None = None,
+                  max_rss_gb: float = 4.0, max_growth_per_session_mb: float = 50, max_late_growth_mb: float = 150,
+                  port: int | None = None,
                   data_dir: str | None = None) -> dict:
     """Start a server, warm every page once, then `sessions` concurrent sessions for `seconds`; return a summary."""
     sessions, seconds, max_loads = min(sessions, 50), min(seconds, 600), min(max_loads, 1000)  # hard bounds
@@ -307,6 +310,8 @@ def run_load_test(sessions: int = 20, seconds: float = 60, max_loads: int = 200,
             thread.join(seconds + timeout + 60)
         ended = time.time()
         hung = sum(thread.is_alive() for thread in threads)
+        time.sleep(10)  # sessions closed: what the server gives back
+        after_close = sampler.rss()
     finally:
         sampler.stopped.set()
         stop_server(server)
@@ -314,6 +319,10 @@ def run_load_test(sessions: int = 20, seconds: float = 60, max_loads: int = 200,
     counts = {name: events.count(name) for name in ("captioner", "catalog_index", "catalog")}
     peak = sampler.peak_between(0, float("inf"))
     growth = sampler.peak_between(warm_done, ended) - sampler.at(warm_done)
+    middle = warm_done + (ended - warm_done) / 2
+    late_growth = sampler.at(ended) - sampler.at(middle)
+    profile_mb = {f"{round(f * 100)}%": round(sampler.at(warm_done + f * (ended - warm_done)) / 1024**2)
+                  for f in (0, 0.25, 0.5, 0.75, 1)}
     problems = [*failures, *(f"{load.page or '(default)'}: exception {e}" for load in loads for e in load.exceptions),
                 *(f"{load.page or '(default)'}: error alert {e[:160]}" for load in loads for e in load.errors)]
     if hung:
@@ -322,7 +331,8 @@ def run_load_test(sessions: int = 20, seconds: float = 60, max_loads: int = 200,
         "no_errors": not problems,
         "captioner_loaded_once": counts["captioner"] == 1,
         "peak_rss_under_limit": peak < max_rss_gb * 1024**3,
-        "rss_growth_under_limit": growth < max_growth_mb * 1024**2,
+        "rss_growth_per_session_under_limit": growth / max(sessions, 1) < max_growth_per_session_mb * 1024**2,
+        "rss_flat_in_second_half": late_growth < max_late_growth_mb * 1024**2,
     }
     return {
         "sessions": sessions, "seconds": seconds, "server_log": str(log_path),
@@ -332,6 +342,9 @@ def run_load_test(sessions: int = 20, seconds: float = 60, max_loads: int = 200,
         "concurrent": summarize(loads),
         "loads_counted_in_server": counts,
         "server_rss_peak_mb": round(peak / 1024**2), "server_rss_growth_mb": round(growth / 1024**2),
+        "server_rss_second_half_growth_mb": round(late_growth / 1024**2),
+        "server_rss_mb_through_concurrent_phase": profile_mb,
+        "server_rss_10s_after_close_mb": round(after_close / 1024**2),
         "problems": problems[:20], "problem_count": len(problems),
         "checks": checks, "passed": all(checks.values()),
     }
@@ -344,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_loads", type=int, default=200, help="page loads per session at most")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one page may take (cold search demo)")
     parser.add_argument("--max_rss_gb", type=float, default=4.0, help="fail above this server peak RSS")
-    parser.add_argument("--max_growth_mb", type=float, default=500, help="fail above this RSS growth under load")
+    parser.add_argument("--max_growth_per_session_mb", type=float, default=50,
+                        help="fail above this RSS growth per concurrent session")
+    parser.add_argument("--max_late_growth_mb", type=float, default=150,
+                        help="fail above this RSS growth in the second half of the concurrent phase (a leak)")
     parser.add_argument("--data_dir", default=None, help="RIS_DATA_DIR for the server (default: its own default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -354,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.port)
         return 0
     summary = run_load_test(args.sessions, args.seconds, args.max_loads, args.timeout, args.max_rss_gb,
-                            args.max_growth_mb, data_dir=args.data_dir)
+                            args.max_growth_per_session_mb, args.max_late_growth_mb, data_dir=args.data_dir)
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:
