@@ -8,13 +8,12 @@ Heavy imports (torch, transformers) happen inside the loaders, so pages that nee
 
 from __future__ import annotations
 
-import zipfile
-
 import base64
 import io
 import json
 import threading
 import time
+import zipfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field

@@ -62,6 +62,9 @@ class Run:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)  # callers may pass a str
+
     @property
     def name(self) -> str:
         return self.path.name

@@ -1,6 +1,6 @@
 """Measure the cpu preset's design choices side by side in one run (throughput only, no accuracy).
 
-    python -m training.probe_throughput            # ~2 min on 2 cores; prints a table, writes results/cpu-preset-throughput.json
+    python -m training.probe_throughput   # ~30 s on 2 cores; writes results/cpu-preset-throughput.json
 
 Variants of one training step (batch 64, 10 target tokens per caption, bf16 autocast, AdamW):
 multi-scale tokens (80) vs final map only (16), and the output-layer shortlist vs the full 50,257-way softmax;
