@@ -53,7 +53,8 @@ def git_commit() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    # Outside a repo, or before the first commit, git prints "HEAD" and fails: record nothing rather than that.
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 @dataclass
