@@ -20,6 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
+from bench.browser import bench_browser
 from bench.captioning import bench_captioning
 from bench.common import REPO, reference_run, run_sample
 from bench.dashboard_pages import bench_dashboard
@@ -30,7 +31,7 @@ from bench.training import bench_training
 from ris_core.runs import RESULTS_DIR, write_json_atomic
 
 DEFAULT_OUT = RESULTS_DIR / "bench.json"
-BENCHMARKS = ["machine", "captioning", "training", "search", "evaluation", "dashboard"]
+BENCHMARKS = ["machine", "captioning", "training", "search", "evaluation", "dashboard", "browser"]
 
 
 def bench_load(quick: bool = False) -> dict:
@@ -81,7 +82,7 @@ def run_all(names: list[str], quick: bool) -> dict:
 
 FUNCTIONS = {"machine": bench_machine, "captioning": bench_captioning, "training": bench_training,
              "search": bench_search, "evaluation": bench_evaluation, "dashboard": bench_dashboard,
-             "load": bench_load}
+             "browser": bench_browser, "load": bench_load}
 
 
 def table(results: dict) -> str:

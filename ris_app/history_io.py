@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from ris_core.data import decode_text
+
 MAX_BYTES = 20_000_000  # a history is kilobytes; refuse anything absurd before parsing it
 
 # lower-cased header -> history.csv column
@@ -38,12 +40,10 @@ def parse_history(name: str, data: bytes) -> pd.DataFrame:
 
 
 def _text(name: str, data: bytes) -> str:
-    for encoding in ("utf-8-sig", "cp1252"):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-    raise ValueError(f"{name} is not a text file (CSV or JSON)")
+    text = decode_text(data)
+    if text is None:
+        raise ValueError(f"{name} is not a text file (CSV or JSON)")
+    return text
 
 
 def from_trainer_state(name: str, text: str) -> pd.DataFrame:

@@ -79,8 +79,11 @@ class Captioner:
                 label_tensor[row, : len(seq)] = torch.tensor(seq)
             loss, tokens = token_cross_entropy(self.model, hidden, label_tensor)
             out.loss_sum, out.tokens = loss.item() * tokens, tokens
-        # the encoder ran once; generate() projects `raw` itself
+        # the encoder ran once; generate() projects `raw` itself. The mask only says "every image token is real":
+        # pad == eos, so generate() cannot infer it and warns otherwise (same tokens either way).
+        token_mask = torch.ones(raw.shape[:2], dtype=torch.long)
         generated = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=raw),
+                                        attention_mask=token_mask,
                                         num_beams=num_beams, max_new_tokens=max_new_tokens)
         out.captions = [c.strip() for c in gpt2_tokenizer().batch_decode(generated, skip_special_tokens=True)]
         return out

@@ -6,6 +6,7 @@ Either Kaggle layout works: `styles.csv` beside `images/<id>.jpg` (full resoluti
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -67,13 +68,24 @@ class Catalog:
         return len(self.products)
 
 
-def _decode(raw: bytes, path: Path) -> str:
-    for encoding in ("utf-8-sig", "cp1252"):
+def decode_text(raw: bytes) -> str | None:
+    """UTF-8 (BOM or not), UTF-16 with a BOM (Excel's "Unicode text"), else Windows-1252; None if none fits."""
+    encodings = ("utf-16",) if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else ("utf-8-sig", "cp1252")
+    for encoding in encodings:
         try:
-            return raw.decode(encoding)
+            text = raw.decode(encoding)
         except UnicodeDecodeError:
             continue
-    raise DataError(f"{path}: not UTF-8 or cp1252 text; re-save it as UTF-8 CSV")
+        # NULs mean binary data or UTF-16 without a BOM; cp1252 would "decode" either into garbage
+        return None if "\x00" in text else text
+    return None
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    text = decode_text(raw)
+    if text is None:
+        raise DataError(f"{path}: not UTF-8, UTF-16 or cp1252 text; re-save it as UTF-8 CSV")
+    return text
 
 
 def _unquote(name: str) -> str:

@@ -38,7 +38,9 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
             image.load()
         except ImageError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        except UnidentifiedImageError as err:  # its message names the stream object, not the file
+            raise ImageError(f"{name}: not an image in a format Pillow reads (JPEG, PNG, WebP, GIF, ...)") from err
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ImageError(f"{name}: not a readable image ({err})") from err
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise ImageError(f"{name}: truncated or corrupt image ({err})") from err
@@ -48,10 +50,12 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() or 1.0
-        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), "L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64)), 0, None)
+        peak = array.max()
+        # float images usually hold 0-1 intensities; integer ones use part of their range
+        peak = 1.0 if image.mode == "F" and peak <= 1.0 else (peak or 1.0)
+        image = Image.fromarray((array * (255.0 / peak)).round().astype(np.uint8), "L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

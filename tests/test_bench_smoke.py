@@ -35,7 +35,7 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert {"cpu_model", "cores_logical", "torch_threads", "matmul_fp32_gflops", "matmul_bf16_gflops"} <= set(machine)
     assert machine["matmul_fp32_gflops"] > 0 and machine["matmul_bf16_gflops"] > 0
     benchmarks = report["benchmarks"]
-    assert set(benchmarks) == {"captioning", "training", "search", "evaluation", "dashboard"}
+    assert set(benchmarks) == {"captioning", "training", "search", "evaluation", "dashboard", "browser"}
     errors = {name: figures["error"] for name, figures in benchmarks.items() if "error" in figures}
     assert not errors, errors
     for name, keys in EXPECTED.items():
@@ -44,4 +44,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
     evaluation = benchmarks["evaluation"]
     assert "skipped" in evaluation or {"wall_seconds", "held_out_scored", "catalog_products"} <= set(evaluation)
     assert benchmarks["search"]["naive_over_fts_p50"] > 1  # the index beats the Python loop even on 3k products
+    browser = benchmarks["browser"]
+    if "skipped" not in browser:  # CI installs Chromium; the first page's content showed in every visit
+        assert browser["first_visit"]["content_seconds"] > 0 and browser["repeat_visit"]["content_seconds"] > 0
+        assert browser["first_visit"]["js_files"] > 10  # Navigation/Resource Timing were read from the page
     assert "benchmark  figure" in done.stdout  # the printed table

@@ -1,0 +1,148 @@
+"""The dashboard's first page in a real browser: `streamlit run` + headless Chromium, side by side conditions.
+
+Each figure is seconds from `driver.get(url)` to the first page's content ("Best epochs", below its chart) and to
+its chart drawn, polled every 50 ms, on the default data folder and runs (what `make run` opens):
+
+- `cold_server`: the first visit after the server came up (the server imports pandas/plotly for that session)
+- `first_visit`: a browser that is already running opens the app for the first time (empty HTTP cache)
+- `repeat_visit`: the same browser opens it again (Streamlit's JavaScript from the HTTP cache)
+- `browser_launch`: starting Chromium itself (before any page), for the cold-browser total
+
+Navigation Timing splits a visit into the HTML/JS load (`dom_content_loaded`) and what follows (the websocket,
+the script run, React rendering). Needs Debian's chromium + chromium-driver; skipped (not failed) without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.common import REPO
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CONTENT = "Best epochs"  # the training-curves page's table under the chart
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,800")
+NAV_TIMING = """
+const n = performance.getEntriesByType('navigation')[0];
+const js = performance.getEntriesByType('resource').filter(r => r.name.endsWith('.js'));
+return {dom_content_loaded: n.domContentLoadedEventEnd / 1000, load_event: n.loadEventEnd / 1000,
+        js_files: js.length, js_kb: Math.round(js.reduce((s, r) => s + r.decodedBodySize, 0) / 1024)};
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def streamlit_server(env: dict[str, str] | None = None):
+    """`streamlit run dashboard.py` on a free port; yields its URL once healthy; always stopped."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="bench-browser-") as cwd:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard.py"), "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+            cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("streamlit did not become healthy within 60 s")
+                try:
+                    with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2):
+                        break
+                except OSError:
+                    time.sleep(0.2)
+            yield base
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
+
+@contextmanager
+def chromium():
+    """A fresh headless Chromium with its own empty profile (so an empty HTTP cache)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tempfile.mkdtemp(prefix="bench-chromium-")
+    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def timed_visit(driver, url: str, timeout: float = 60) -> dict:
+    """Seconds from navigation to the content text and to the drawn chart, plus the browser's own timings."""
+    driver.get("about:blank")
+    start = time.perf_counter()
+    driver.get(url)  # returns at the load event: Streamlit has not rendered anything yet
+    content = chart = None
+    while time.perf_counter() - start < timeout and chart is None:
+        found = driver.execute_script(
+            "return [document.body.innerText.includes(arguments[0]), !!document.querySelector('.js-plotly-plot svg')]",
+            CONTENT)
+        now = time.perf_counter() - start
+        content = content if content is not None or not found[0] else now
+        chart = now if found[1] and content is not None else None
+        time.sleep(0.05)
+    if content is None:
+        raise TimeoutError(f"{CONTENT!r} did not appear within {timeout:.0f} s")
+    return {"content_seconds": round(content, 2), "chart_seconds": round(chart, 2) if chart else None,
+            **{k: round(v, 2) if isinstance(v, float) else v for k, v in driver.execute_script(NAV_TIMING).items()}}
+
+
+def bench_browser(quick: bool = False) -> dict:
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        return {"skipped": "needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium-driver)"}
+    repeats = 1 if quick else 3
+    first, repeat, launches = [], [], []
+    with streamlit_server() as base:
+        url = f"{base}/"
+        for _ in range(repeats):
+            started = time.perf_counter()
+            with chromium() as driver:
+                launches.append(time.perf_counter() - started)
+                driver.get("about:blank")  # the browser is up and has a renderer, as a user's would
+                first.append(timed_visit(driver, url))
+                repeat.append(timed_visit(driver, url))
+    cold, warm_first = first[0], first[1:] or first
+
+    def median(rows: list[dict], key: str) -> float | None:
+        values = [r[key] for r in rows if r[key] is not None]
+        return round(statistics.median(values), 2) if values else None
+
+    return {
+        "cold_server": {"content_seconds": cold["content_seconds"], "chart_seconds": cold["chart_seconds"]},
+        "first_visit": {key: median(warm_first, key) for key in
+                        ("content_seconds", "chart_seconds", "dom_content_loaded", "js_files", "js_kb")},
+        "repeat_visit": {key: median(repeat, key) for key in
+                         ("content_seconds", "chart_seconds", "dom_content_loaded")},
+        "browser_launch_seconds": round(statistics.median(launches), 2),
+        "visits": len(first) + len(repeat),
+    }
