@@ -9,6 +9,7 @@ Heavy imports (torch, transformers) happen inside the loaders, so pages that nee
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import threading
@@ -30,6 +31,7 @@ from ris_core.search import one_line
 
 THUMB_SIDE = 160  # px: grids and cards show images at ~120-160 px
 WEB_IMAGE_TTL = 600  # seconds a fetched web thumbnail (or its failure) is reused by refinement
+KNN_CACHE_DIR = Path(".cache") / "knn"  # image-kNN indexes of catalogs, under the working directory
 
 
 def stamp(*paths: Path) -> tuple[int, ...]:
@@ -318,9 +320,21 @@ def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, dat
                                      names.loc[kept].tolist())
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # unreadable, torn or foreign: embed afresh below
+    # Embedding a catalog takes a minute on 2 cores: keep the result on disk for the next server start.
+    key = json.dumps([run_path, model_version, data_dir, data_version, wanted]).encode()
+    cached = Path.cwd() / KNN_CACHE_DIR / f"{hashlib.sha256(key).hexdigest()[:24]}.npz"
+    try:
+        return ImageKnnIndex.load(cached)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # absent, torn or unreadable: embed afresh
     model = _captioner(run_path, model_version)
     kept, matrix, _ = embed_paths(model, [(i, cat.image_path(i)) for i in wanted], progress=False)
-    return ImageKnnIndex(np.asarray(kept), matrix, [str(cat.image_path(i)) for i in kept], names.loc[kept].tolist())
+    index = ImageKnnIndex(np.asarray(kept), matrix, [str(cat.image_path(i)) for i in kept], names.loc[kept].tolist())
+    try:
+        index.save(cached)
+    except OSError:
+        pass  # a read-only checkout still works, it just embeds again next time
+    return index
 
 
 def knn_index(run: Run, data_dir: Path, ids: list[int]):

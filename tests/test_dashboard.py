@@ -513,3 +513,29 @@ def test_widget_keys_are_unique_across_pages():
                 continue
             assert keys.setdefault(key, page.name) == page.name, f"{key} used in {keys[key]} and {page.name}"
     assert pd.Series(list(keys)).is_unique
+
+
+def test_visual_index_is_embedded_once_then_read_from_disk(runs_root, tiny_catalog, tmp_path):
+    """A fresh clone has no evaluation index: the demo embeds the catalog once, later servers read it back."""
+    import ris_core.captioner
+    from ris_app import loaders
+    from ris_core.runs import Run
+
+    run = Run(runs_root / "fresh")
+    ids = sorted(int(p.stem) for p in (tiny_catalog / "images").glob("*.jpg"))[:12]
+    real, calls = ris_core.captioner.embed_paths, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with mock.patch.object(ris_core.captioner, "embed_paths", counting):
+        first = loaders.knn_index(run, tiny_catalog, ids)
+        loaders._knn_index.clear()  # a new server process
+        again = loaders.knn_index(run, tiny_catalog, ids)
+        assert len(calls) == 1 and list(again.ids) == list(first.ids) == ids
+        np.testing.assert_array_equal(again.vectors, first.vectors)
+        [saved] = (tmp_path / loaders.KNN_CACHE_DIR).glob("*.npz")
+        saved.write_bytes(b"torn")  # a kill mid-write elsewhere: embed afresh, no error
+        loaders._knn_index.clear()
+        assert list(loaders.knn_index(run, tiny_catalog, ids).ids) == ids and len(calls) == 2
