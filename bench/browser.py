@@ -48,22 +48,26 @@ def _free_port() -> int:
 
 
 @contextmanager
-def streamlit_server(env: dict[str, str] | None = None):
-    """`streamlit run dashboard.py` on a free port; yields its URL once healthy; always stopped."""
+def streamlit_server(env: dict[str, str] | None = None, log_path: Path | None = None, timeout: float = 60):
+    """`streamlit run dashboard.py` on a free port, in a temporary working directory (DuckDuckGo's cache lands
+    there); yields its URL once healthy. Always stopped; with `log_path`, its output is kept there."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="bench-browser-") as cwd:
+    with tempfile.TemporaryDirectory(prefix="ris-streamlit-") as cwd, \
+            open(log_path or os.devnull, "w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard.py"), "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-            cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + timeout
             while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("streamlit did not become healthy within 60 s")
+                if server.poll() is not None:
+                    raise RuntimeError(f"streamlit exited with code {server.returncode} before it was healthy")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"streamlit was not healthy within {timeout:.0f} s")
                 try:
                     with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2):
                         break
@@ -71,16 +75,18 @@ def streamlit_server(env: dict[str, str] | None = None):
                     time.sleep(0.2)
             yield base
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+                    server.wait()
 
 
 @contextmanager
 def chromium():
-    """A fresh headless Chromium with its own empty profile (so an empty HTTP cache)."""
+    """A fresh headless Chromium at 1280x800 with its own empty profile (so an empty HTTP cache)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -90,6 +96,7 @@ def chromium():
     for flag in (*FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
     try:
         yield driver
     finally:

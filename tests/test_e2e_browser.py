@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from bench.browser import CHROMEDRIVER, CHROMIUM, chromium, streamlit_server
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 RUN_NAME = "e2e-run"
 PAGES = [  # (link text in the sidebar, url path, text that shows the page has rendered its content)
     ("Training curves", "", "Best epochs"),
@@ -47,26 +42,6 @@ def require_browser() -> None:
     pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_health(base: str, server: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"streamlit exited with code {server.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"streamlit was not healthy within {timeout:.0f} s")
-
-
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory, tiny_run, tiny_catalog) -> Path:
     from training.evaluate import main as evaluate
@@ -81,31 +56,12 @@ def e2e_run(tmp_path_factory, tiny_run, tiny_catalog) -> Path:
 @pytest.fixture(scope="module")
 def server(e2e_run, tiny_catalog, tmp_path_factory):
     require_browser()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RIS_RUNS_DIRS": str(e2e_run.parent), "RIS_DATA_DIR": str(tiny_catalog),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(tmp_path_factory.mktemp("e2e_log") / "streamlit.log", "w+")  # noqa: SIM115 - closed below
-    cwd = tmp_path_factory.mktemp("e2e_cwd")  # DuckDuckGo's default cache, if ever asked, lands here
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    log = tmp_path_factory.mktemp("e2e_log") / "streamlit.log"
     try:
-        wait_for_health(base, server)
-        yield base
+        with streamlit_server({"RIS_RUNS_DIRS": str(e2e_run.parent), "RIS_DATA_DIR": str(tiny_catalog)}, log) as url:
+            yield url
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-        log.seek(0)
-        tail = log.read()[-3000:]
-        log.close()
+        tail = log.read_text()[-3000:] if log.is_file() else ""
         if "Traceback" in tail:
             print("streamlit log tail:\n" + tail)
 
@@ -113,23 +69,8 @@ def server(e2e_run, tiny_catalog, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     require_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tempfile.mkdtemp(prefix="ris-e2e-chromium-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,800",
-                 f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def page_text(driver) -> str:
@@ -198,10 +139,8 @@ def shoot(driver, name: str) -> Path:
 def test_every_page_renders_and_the_demo_searches_an_upload(server, browser, tiny_catalog, tmp_path):
     from selenium.webdriver.common.by import By
 
-    started = time.monotonic()
-    browser.get(f"{server}/?run={RUN_NAME}")
+    browser.get(f"{server}/?run={RUN_NAME}")  # how fast this renders is measured in bench/browser.py
     settle(browser, PAGES[0][2], "the first page")
-    first_page_seconds = time.monotonic() - started
     assert "Training curves" in page_text(browser)
     assert_no_exception(browser, "Training curves")
     shoot(browser, "1_training_curves")
@@ -224,6 +163,3 @@ def test_every_page_renders_and_the_demo_searches_an_upload(server, browser, tin
     assert "upload.jpg" in text and "captioned in" in text and "search:" in text
     assert_no_exception(browser, "Search demo after upload")
     shoot(browser, "5_search_demo_upload")
-    print(f"first page rendered {first_page_seconds:.2f} s after the request")
-    # The target is < 3 s; the bound leaves room for a loaded CI machine (the first run also imports pandas/plotly).
-    assert first_page_seconds < 8, f"first page took {first_page_seconds:.1f} s"
