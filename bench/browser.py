@@ -1,15 +1,16 @@
-"""The dashboard's first page in a real browser: `streamlit run` + headless Chromium, side by side conditions.
+"""The dashboard in a real browser: `streamlit run` + headless Chromium, first and repeat visits side by side.
 
-Each figure is seconds from `driver.get(url)` to the first page's content ("Best epochs", below its chart) and to
-its chart drawn, polled every 50 ms, on the default data folder and runs (what `make run` opens):
+Each figure is seconds from `driver.get(url)` to a page's content (a text the page shows once its script has run)
+and, for the training curves, to its plotly chart drawn; polled every 50 ms, on the default data folder and runs
+(what `make run` opens). Per page:
 
-- `cold_server`: the first visit after the server came up (the server imports pandas/plotly for that session)
-- `first_visit`: a browser that is already running opens the app for the first time (empty HTTP cache)
+- `first_visit`: a browser that is already running opens the page for the first time (empty HTTP cache)
 - `repeat_visit`: the same browser opens it again (Streamlit's JavaScript from the HTTP cache)
-- `browser_launch`: starting Chromium itself (before any page), for the cold-browser total
 
-Navigation Timing splits a visit into the HTML/JS load (`dom_content_loaded`) and what follows (the websocket,
-the script run, React rendering). Needs Debian's chromium + chromium-driver; skipped (not failed) without them.
+`cold_server` is the very first visit after the server came up (that session imports pandas and plotly on the
+server); `browser_launch_seconds` is starting Chromium itself. Navigation Timing splits a visit into the HTML/JS
+load (`dom_content_loaded`) and what follows (the websocket, the script run, React rendering). Needs Debian's
+chromium + chromium-driver; skipped (not failed) without them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from pathlib import Path
 from bench.common import REPO
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-CONTENT = "Best epochs"  # the training-curves page's table under the chart
+PAGES = {  # url path -> (text shown once the page has rendered, whether to wait for a plotly chart too)
+    "": ("Explore", False),  # the overview: the heading above its links to the other pages
+    "training_curves": ("Best epochs", True),  # the table under the chart
+}
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,800")
 NAV_TIMING = """
@@ -104,22 +108,22 @@ def chromium():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def timed_visit(driver, url: str, timeout: float = 60) -> dict:
+def timed_visit(driver, url: str, marker: str, want_chart: bool, timeout: float = 60) -> dict:
     """Seconds from navigation to the content text and to the drawn chart, plus the browser's own timings."""
     driver.get("about:blank")
     start = time.perf_counter()
     driver.get(url)  # returns at the load event: Streamlit has not rendered anything yet
     content = chart = None
-    while time.perf_counter() - start < timeout and chart is None:
-        found = driver.execute_script(
+    while time.perf_counter() - start < timeout and (content is None or (want_chart and chart is None)):
+        has_content, has_chart = driver.execute_script(
             "return [document.body.innerText.includes(arguments[0]), !!document.querySelector('.js-plotly-plot svg')]",
-            CONTENT)
+            marker)
         now = time.perf_counter() - start
-        content = content if content is not None or not found[0] else now
-        chart = now if found[1] and content is not None else None
+        content = now if content is None and has_content else content
+        chart = now if chart is None and has_chart else chart
         time.sleep(0.05)
     if content is None:
-        raise TimeoutError(f"{CONTENT!r} did not appear within {timeout:.0f} s")
+        raise TimeoutError(f"{marker!r} did not appear on {url} within {timeout:.0f} s")
     return {"content_seconds": round(content, 2), "chart_seconds": round(chart, 2) if chart else None,
             **{k: round(v, 2) if isinstance(v, float) else v for k, v in driver.execute_script(NAV_TIMING).items()}}
 
@@ -128,28 +132,31 @@ def bench_browser(quick: bool = False) -> dict:
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         return {"skipped": "needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium-driver)"}
     repeats = 1 if quick else 3
-    first, repeat, launches = [], [], []
+    visits: dict[str, dict[str, list[dict]]] = {path: {"first": [], "repeat": []} for path in PAGES}
+    launches: list[float] = []
+    cold_server = None
     with streamlit_server() as base:
-        url = f"{base}/"
         for _ in range(repeats):
-            started = time.perf_counter()
-            with chromium() as driver:
-                launches.append(time.perf_counter() - started)
-                driver.get("about:blank")  # the browser is up and has a renderer, as a user's would
-                first.append(timed_visit(driver, url))
-                repeat.append(timed_visit(driver, url))
-    cold, warm_first = first[0], first[1:] or first
+            for path, (marker, want_chart) in PAGES.items():  # a fresh browser (empty cache) per page
+                started = time.perf_counter()
+                with chromium() as driver:
+                    launches.append(time.perf_counter() - started)
+                    driver.get("about:blank")  # the browser is up and has a renderer, as a user's would
+                    first = timed_visit(driver, f"{base}/{path}", marker, want_chart)
+                    cold_server = cold_server or first
+                    visits[path]["first"].append(first)
+                    visits[path]["repeat"].append(timed_visit(driver, f"{base}/{path}", marker, want_chart))
 
     def median(rows: list[dict], key: str) -> float | None:
-        values = [r[key] for r in rows if r[key] is not None]
+        values = [r[key] for r in rows if r.get(key) is not None]
         return round(statistics.median(values), 2) if values else None
 
-    return {
-        "cold_server": {"content_seconds": cold["content_seconds"], "chart_seconds": cold["chart_seconds"]},
-        "first_visit": {key: median(warm_first, key) for key in
-                        ("content_seconds", "chart_seconds", "dom_content_loaded", "js_files", "js_kb")},
-        "repeat_visit": {key: median(repeat, key) for key in
-                         ("content_seconds", "chart_seconds", "dom_content_loaded")},
-        "browser_launch_seconds": round(statistics.median(launches), 2),
-        "visits": len(first) + len(repeat),
-    }
+    out: dict = {"cold_server": {k: cold_server[k] for k in ("content_seconds", "chart_seconds")}}
+    for path, (_, want_chart) in PAGES.items():
+        keys = ["content_seconds", *(["chart_seconds"] if want_chart else []), "dom_content_loaded"]
+        name = path or "overview"
+        out[f"{name}_first_visit"] = {k: median(visits[path]["first"], k) for k in [*keys, "js_files", "js_kb"]}
+        out[f"{name}_repeat_visit"] = {k: median(visits[path]["repeat"], k) for k in keys}
+    out["browser_launch_seconds"] = round(statistics.median(launches), 2)
+    out["visits"] = 2 * len(launches)
+    return out

@@ -20,11 +20,10 @@ from pathlib import Path
 from unittest import mock
 
 from bench.common import REPO, reference_run, run_sample
+from ris_app.navigation import PAGE_PATHS as PAGES
 from ris_core.data import DEFAULT_DATA_DIR
 
 DASHBOARD = REPO / "dashboard.py"
-PAGES = ["pages/training_curves.py", "pages/caption_quality.py", "pages/query_strategies.py",
-         "pages/search_demo.py"]
 
 
 @contextmanager

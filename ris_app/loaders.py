@@ -99,20 +99,6 @@ def _evaluation(eval_dir: str, version: tuple[int, ...]) -> Evaluation:
     root = Path(eval_dir)
     problems: list[str] = []
 
-    def read_json(name: str) -> dict | None:
-        path = root / name
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            problems.append(f"{name} is unreadable ({type(err).__name__}); re-run the evaluation")
-            return None
-        if not isinstance(data, dict):
-            problems.append(f"{name} does not hold a JSON object; re-run the evaluation")
-            return None
-        return data
-
     def read_csv(name: str, required: set[str]) -> pd.DataFrame | None:
         path = root / name
         if not path.is_file():
@@ -136,11 +122,34 @@ def _evaluation(eval_dir: str, version: tuple[int, ...]) -> Evaluation:
     retrieval = read_csv("retrieval.csv", {"id", "strategy", "source"})
     return Evaluation(
         captions=captions,
-        caption_metrics=read_json("caption_metrics.json"),
+        caption_metrics=_read_json_object(root / "caption_metrics.json", problems),
         retrieval=retrieval,
-        retrieval_summary=read_json("retrieval.json"),
+        retrieval_summary=_read_json_object(root / "retrieval.json", problems),
         problems=problems,
     )
+
+
+def _read_json_object(path: Path, problems: list[str]) -> dict | None:
+    """The JSON object in `path`; None if absent, or unreadable with the reason added to `problems`."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        problems.append(f"{path.name} is unreadable ({type(err).__name__}); re-run the evaluation")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.name} does not hold a JSON object; re-run the evaluation")
+        return None
+    return data
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _summaries(eval_dir: str, version: tuple[int, ...]) -> tuple[dict | None, dict | None, list[str]]:
+    problems: list[str] = []
+    root = Path(eval_dir)
+    metrics = _read_json_object(root / "caption_metrics.json", problems)
+    return metrics, _read_json_object(root / "retrieval.json", problems), problems
 
 
 EVAL_FILES = ("captions.csv", "caption_metrics.json", "retrieval.csv", "retrieval.json")
@@ -148,6 +157,12 @@ EVAL_FILES = ("captions.csv", "caption_metrics.json", "retrieval.csv", "retrieva
 
 def evaluation(run: Run) -> Evaluation:
     return _evaluation(str(run.eval_dir), stamp(*(run.eval_dir / f for f in EVAL_FILES)))
+
+
+def summaries(run: Run) -> tuple[dict | None, dict | None, list[str]]:
+    """(caption_metrics.json, retrieval.json, problems) of a run's evaluation, without its large tables."""
+    names = ("caption_metrics.json", "retrieval.json")
+    return _summaries(str(run.eval_dir), stamp(*(run.eval_dir / n for n in names)))
 
 
 def held_out_ids(run: Run, products: pd.DataFrame) -> list[int]:

@@ -19,7 +19,8 @@ EXPECTED = {
     "training": {"samples_per_second", "projected_epoch_minutes_39990", "shortlist_tokens", "batch_size"},
     "search": {"index_seconds", "query_p50_ms", "query_p99_ms", "naive_p50_ms", "naive_over_fts_p50", "products"},
     "dashboard": {"model", *(f"{kind}_{page}_seconds" for kind in ("cold", "warm", "switch_to")
-                             for page in ("training_curves", "caption_quality", "query_strategies", "search_demo"))},
+                             for page in ("overview", "training_curves", "caption_quality", "query_strategies",
+                                          "search_demo"))},
 }
 
 
@@ -46,6 +47,9 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert benchmarks["search"]["naive_over_fts_p50"] > 1  # the index beats the Python loop even on 3k products
     browser = benchmarks["browser"]
     if "skipped" not in browser:  # CI installs Chromium; the first page's content showed in every visit
-        assert browser["first_visit"]["content_seconds"] > 0 and browser["repeat_visit"]["content_seconds"] > 0
-        assert browser["first_visit"]["js_files"] > 10  # Navigation/Resource Timing were read from the page
+        for page in ("overview", "training_curves"):
+            assert browser[f"{page}_first_visit"]["content_seconds"] > 0
+            assert browser[f"{page}_repeat_visit"]["content_seconds"] > 0
+            assert browser[f"{page}_first_visit"]["js_files"] > 10  # Resource Timing was read from the page
+        assert browser["training_curves_first_visit"]["chart_seconds"] > 0
     assert "benchmark  figure" in done.stdout  # the printed table

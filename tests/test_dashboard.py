@@ -11,7 +11,6 @@ import io
 import json
 import shutil
 import struct
-import time
 import zlib
 from pathlib import Path
 from unittest import mock
@@ -119,13 +118,56 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
+# ---------------------------------------------------------------- 0. overview (the landing page)
+
+
+def test_overview_headlines_and_the_claim_table_then_change_run(runs_root):
+    at = app(run=runs_root / "evaluated")
+    assert_clean(at)
+    assert at.title[0].value == "Overview"
+    metrics = {m.label: m for m in at.metric}
+    assert len(metrics) == 4, list(metrics)
+    evaluation = json.loads((runs_root / "evaluated" / "eval" / "caption_metrics.json").read_text())
+    assert metrics["BLEU-4"].value == f"{evaluation['model']['bleu_4']:.1f}"
+    assert "vs NN caption" in metrics["BLEU-4"].delta and "Best query P@10" in metrics
+    assert "paper-2024" in metrics["Val perplexity (best epoch)"].delta  # the reported run is the reference
+    claim = next(m.value for m in at.markdown if "vs the full caption" in m.value)
+    assert claim.count("\n| R") == 3  # one row per relevance level
+    assert all(word in claim for word in ("R1: articleType", "R2: articleType + baseColour"))
+    assert any(w in claim for w in ("better", "worse", "no significant difference"))
+    assert len(at.get("page_link")) == 4 and not at.get("plotly_chart")  # light: no chart on the landing page
+
+    at.sidebar.selectbox(key="sidebar_run").set_value(str((runs_root / "fresh").resolve())).run()
+    assert_clean(at)
+    assert at.subheader[0].value == "fresh" and "no evaluation yet" in texts(at)
+    assert len(at.metric) == 1  # only the perplexity, from run.json
+
+    at.sidebar.selectbox(key="sidebar_run").set_value(str(PAPER_RUN.resolve())).run()
+    assert_clean(at)
+    assert "numbers reported elsewhere" in texts(at)
+
+
+@pytest.mark.parametrize("metrics, retrieval", [
+    ('{"model": {"bleu_4": "x"}, "nn_caption_baseline": null}', '{"rows": [{"level": "R1"}], "paired": [3]}'),
+    ("[1, 2]", '{"rows": "none", "paired": [{"a": "last_two_words", "b": "full_caption", "R1_p_at_10": 5}]}'),
+    ("{broken", "null"),
+])
+def test_overview_survives_foreign_or_hand_edited_summaries(runs_root, tmp_path, monkeypatch, metrics, retrieval):
+    monkeypatch.setenv("RIS_RUNS_DIRS", str(tmp_path / "runs"))
+    run = tmp_path / "runs" / "edited"
+    shutil.copytree(runs_root / "evaluated", run, ignore=shutil.ignore_patterns("checkpoints"))
+    (run / "eval" / "caption_metrics.json").write_text(metrics)
+    (run / "eval" / "retrieval.json").write_text(retrieval)
+    at = app(run=run)
+    assert_clean(at)
+    assert at.subheader[0].value == "edited" and len(at.metric) == 1  # perplexity only: nothing else is usable
+
+
 # ---------------------------------------------------------------- 1. training curves
 
 
 def test_training_curves_overlay_runs_with_reported_dashed(runs_root):
-    started = time.perf_counter()
-    at = app(runs=[runs_root / "evaluated", PAPER_RUN])
-    first_render = time.perf_counter() - started
+    at = app("pages/training_curves.py", runs=[runs_root / "evaluated", PAPER_RUN])
     assert_clean(at)
     assert at.title[0].value == "Training curves"
     charts = at.get("plotly_chart")
@@ -136,7 +178,6 @@ def test_training_curves_overlay_runs_with_reported_dashed(runs_root):
     assert len(at.dataframe) == 2 and at.download_button
     history = at.dataframe[1].value
     assert set(history["run"]) == {"evaluated", "paper-2024"}
-    assert first_render < 10  # the page itself is light (no torch); AppTest adds its own overhead
 
     at.toggle(key="curves_log").set_value(True).run()
     assert_clean(at)
@@ -148,7 +189,7 @@ def test_training_curves_overlay_runs_with_reported_dashed(runs_root):
 
 
 def test_training_curves_open_trainer_state_and_reject_garbage(runs_root):
-    at = app(runs=[runs_root / "evaluated"])
+    at = app("pages/training_curves.py", runs=[runs_root / "evaluated"])
     state = {"log_history": [
         {"epoch": 1.0, "loss": 3.2, "learning_rate": 1e-3, "step": 10},
         {"epoch": 1.0, "eval_loss": 2.9, "step": 10},
@@ -454,7 +495,8 @@ def broken_runs(tmp_path, runs_root) -> Path:
 def test_bad_runs_show_messages_and_change_nothing_on_disk(monkeypatch, broken_runs, runs_root):
     monkeypatch.setenv("RIS_RUNS_DIRS", str(broken_runs))
     before = snapshot(broken_runs)
-    at = app(runs=[broken_runs / "corrupt-model", broken_runs / "bad-history", broken_runs / "text-history"])
+    at = app("pages/training_curves.py",
+             runs=[broken_runs / "corrupt-model", broken_runs / "bad-history", broken_runs / "text-history"])
     assert_clean(at)
     assert any("bad-history" in w.value for w in at.warning)
     assert set(at.dataframe[1].value["run"]) == {"corrupt-model", "text-history"}  # text cells become gaps
@@ -469,7 +511,8 @@ def test_bad_runs_show_messages_and_change_nothing_on_disk(monkeypatch, broken_r
         assert at.error, page
         assert all("Traceback" not in e.value for e in at.error)
 
-    for page in ("pages/caption_quality.py", "pages/query_strategies.py", "pages/search_demo.py"):
+    for page in ("pages/overview.py", "pages/caption_quality.py", "pages/query_strategies.py",
+                 "pages/search_demo.py"):
         at = app(page, run=broken_runs / "bad-history")
         assert_clean(at)
         assert at.error or at.info, page
@@ -521,7 +564,8 @@ def test_visual_index_is_embedded_once_then_read_from_disk(runs_root, tiny_catal
     from ris_app import loaders
     from ris_core.runs import Run
 
-    run = Run(runs_root / "fresh")
+    run = Run(tmp_path / "run")  # without eval/, whose index would be reused instead
+    shutil.copytree(runs_root / "fresh", run.path, ignore=shutil.ignore_patterns("eval"))
     ids = sorted(int(p.stem) for p in (tiny_catalog / "images").glob("*.jpg"))[:12]
     real, calls = ris_core.captioner.embed_paths, []
 
@@ -529,6 +573,7 @@ def test_visual_index_is_embedded_once_then_read_from_disk(runs_root, tiny_catal
         calls.append(1)
         return real(*args, **kwargs)
 
+    loaders._knn_index.clear()  # other tests' sessions share this process's cache
     with mock.patch.object(ris_core.captioner, "embed_paths", counting):
         first = loaders.knn_index(run, tiny_catalog, ids)
         loaders._knn_index.clear()  # a new server process

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 RUN_NAME = "e2e-run"
 PAGES = [  # (link text in the sidebar, url path, text that shows the page has rendered its content)
-    ("Training curves", "", "Best epochs"),
+    ("Overview", "", "The paper's claim, measured"),
+    ("Training curves", "training_curves", "Best epochs"),
     ("Caption quality", "caption_quality", "Samples"),
     ("Query strategies", "query_strategies", "All held-out products"),
     ("Search demo", "search_demo", "Caption:"),
@@ -113,10 +114,11 @@ def assert_no_exception(driver, where: str) -> None:
 
 
 def sidebar_run(driver) -> str:
-    """The run shown by the sidebar's selectbox (its text lives in an input's value or a sibling div)."""
+    """The run(s) shown by the sidebar's picker: a selectbox, or a multiselect on the training curves."""
     from selenium.webdriver.common.by import By
 
-    boxes = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebar"] [data-testid="stSelectbox"]')
+    boxes = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebar"] [data-testid="stSelectbox"], '
+                                                  '[data-testid="stSidebar"] [data-testid="stMultiSelect"]')
     parts = [box.get_attribute("textContent") or "" for box in boxes]
     parts += [i.get_attribute("value") or "" for box in boxes for i in box.find_elements(By.TAG_NAME, "input")]
     return " ".join(parts)
@@ -141,9 +143,9 @@ def test_every_page_renders_and_the_demo_searches_an_upload(server, browser, tin
 
     browser.get(f"{server}/?run={RUN_NAME}")  # how fast this renders is measured in bench/browser.py
     settle(browser, PAGES[0][2], "the first page")
-    assert "Training curves" in page_text(browser)
-    assert_no_exception(browser, "Training curves")
-    shoot(browser, "1_training_curves")
+    assert "Overview" in page_text(browser) and RUN_NAME in page_text(browser)
+    assert_no_exception(browser, "Overview")
+    shoot(browser, "1_overview")
 
     for number, (title, path, marker) in enumerate(PAGES[1:], start=2):
         link = browser.find_element(By.CSS_SELECTOR, f'[data-testid="stSidebarNav"] a[href$="/{path}"]')
@@ -162,4 +164,4 @@ def test_every_page_renders_and_the_demo_searches_an_upload(server, browser, tin
     text = page_text(browser)
     assert "upload.jpg" in text and "captioned in" in text and "search:" in text
     assert_no_exception(browser, "Search demo after upload")
-    shoot(browser, "5_search_demo_upload")
+    shoot(browser, "6_search_demo_upload")
