@@ -15,12 +15,19 @@ st.caption("Per-epoch loss and perplexity (per GPT-2 token). The star marks each
            "validation loss); reported runs (numbers from the paper, not reproduced) are dashed.")
 
 curves: list[Curve] = []
+status: dict[str, str] = {}  # run name -> training status (complete, stopped, training)
+notes: dict[str, str] = {}  # run name -> what the run is, when its run.json says (ablations)
 for run in choice.runs:
     try:
-        reported = run.reported_only
-        curves.append(Curve(run.name, loaders.history(run), reported))
+        info = run.info()
+        curves.append(Curve(run.name, loaders.history(run), bool(info.get("reported_not_reproduced"))))
     except RunError as err:
         st.warning(f"**{run.name}**: {err}")
+        continue
+    if isinstance(info.get("status"), str):
+        status[run.name] = info["status"]
+    if isinstance(info.get("note"), str) and info["note"].strip():
+        notes[run.name] = info["note"].strip()
 
 with st.expander("Open a history from another tool (CSV or trainer_state.json)"):
     upload = st.file_uploader("History file", type=["csv", "json"], key="curves_upload",
@@ -51,6 +58,7 @@ for curve in curves:
     seconds = curve.history["seconds"].sum(min_count=1) if "seconds" in curve.history else None
     summary.append({
         "run": curve.label, "kind": "reported" if curve.reported else "measured",
+        "status": status.get(curve.label, ""),
         "epochs": int(curve.history["epoch"].nunique()), "best epoch": best,
         "best val loss": None if row is None else row.get("val_loss"),
         "best val perplexity": None if row is None else row.get("val_perplexity"),
@@ -60,6 +68,8 @@ st.subheader("Best epochs")
 st.dataframe(pd.DataFrame(summary), hide_index=True, key="curves_summary",
              column_config={"best val loss": st.column_config.NumberColumn(format="%.4f"),
                             "best val perplexity": st.column_config.NumberColumn(format="%.2f")})
+for name, note in notes.items():
+    st.caption(f"**{name}**: {note}")
 
 st.subheader("History")
 table = pd.concat([c.history.assign(run=c.label) for c in curves], ignore_index=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -186,6 +187,22 @@ def test_training_curves_overlay_runs_with_reported_dashed(runs_root):
     at.sidebar.multiselect(key="sidebar_runs").set_value([str((runs_root / "fresh").resolve())]).run()
     assert_clean(at)
     assert set(at.dataframe[1].value["run"]) == {"fresh"}
+
+
+def test_training_curves_show_each_runs_status_and_note(runs_root, tmp_path, monkeypatch):
+    ablation = tmp_path / "ablation"
+    ablation.mkdir()
+    monkeypatch.setenv("RIS_RUNS_DIRS", f"{runs_root}{os.pathsep}{tmp_path}")
+    shutil.copy(runs_root / "fresh" / "history.csv", ablation / "history.csv")
+    info = json.loads((runs_root / "fresh" / "run.json").read_text())
+    (ablation / "run.json").write_text(json.dumps({**info, "name": "ablation", "status": "stopped",
+                                                   "note": "Dropout 0.25; stopped by hand after epoch 2."}))
+    at = app("pages/training_curves.py", runs=[runs_root / "evaluated", ablation])
+    assert_clean(at)
+    summary = at.dataframe[0].value.set_index("run")
+    assert summary.loc["ablation", "status"] == "stopped" and summary.loc["evaluated", "status"] == "complete"
+    assert any("**ablation**: Dropout 0.25; stopped by hand" in c.value for c in at.caption)
+    assert not any("**evaluated**" in c.value for c in at.caption)  # no note, no line
 
 
 def test_training_curves_open_trainer_state_and_reject_garbage(runs_root):

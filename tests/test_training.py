@@ -152,3 +152,29 @@ def test_missing_data_folder_is_one_clear_line(tmp_path: Path):
     done = run_cli(["--data_dir", str(tmp_path / "nowhere"), "--results_dir", str(tmp_path), "--n_layer", "1"])
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "does not exist" in done.stderr.strip().splitlines()[-1]
+
+
+
+def test_flip_augmentation_swaps_in_mirrored_maps_for_a_share_of_the_training_batch():
+    from training.data import make_collator
+
+    spec = ModelSpec()
+    mid, final = torch.randn(64, 2, 3, 4), torch.randn(64, 5, 2, 2)
+    mid_m, final_m = torch.randn(64, 2, 3, 4), torch.randn(64, 5, 2, 2)
+    items = [{"labels": [1, 2], "mid": mid[i], "final": final[i], "mid_mirrored": mid_m[i],
+              "final_mirrored": final_m[i]} for i in range(64)]
+    plain = make_collator(spec)(items)
+    assert torch.equal(plain["mid"], mid) and torch.equal(plain["final"], final)  # validation: untouched
+    torch.manual_seed(0)
+    flipped = make_collator(spec, flip_p=0.5)(items)
+    swapped = torch.tensor([torch.equal(flipped["mid"][i], mid_m[i]) for i in range(64)])
+    kept = torch.tensor([torch.equal(flipped["mid"][i], mid[i]) for i in range(64)])
+    assert (swapped | kept).all() and 16 < int(swapped.sum()) < 48
+    for i in range(64):  # both scales of one image are swapped together, and its caption never changes
+        assert torch.equal(flipped["final"][i], final_m[i] if swapped[i] else final[i])
+    assert torch.equal(flipped["labels"], plain["labels"])
+    pixels = make_collator(spec, flip_p=1.0)([{"labels": [1], "pixels": torch.arange(12, dtype=torch.uint8)
+                                              .view(1, 2, 6).expand(3, 2, 6)}])["pixel_values"]
+    reference = make_collator(spec)([{"labels": [1], "pixels": torch.arange(12, dtype=torch.uint8)
+                                      .view(1, 2, 6).expand(3, 2, 6)}])["pixel_values"]
+    assert torch.equal(pixels, reference.flip(-1))

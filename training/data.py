@@ -61,12 +61,14 @@ def _cache_key(catalog: Catalog, ids: list[int], spec: ModelSpec) -> str:
 
 @torch.no_grad()
 def cached_backbone_maps(model, catalog: Catalog, ids: list[int], spec: ModelSpec, cache_dir: Path,
-                         batch_size: int = 256) -> tuple[dict[str, torch.Tensor], list[int]]:
+                         batch_size: int = 256, mirrored: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Frozen backbone maps for every id (float16), extracted once and stored as safetensors.
 
     Returns {"ids", "mid", "final"} and the ids skipped because their image was unreadable.
+    `mirrored` gives the maps of the left-right mirrored images (flip augmentation without re-extracting).
     """
-    path = Path(cache_dir) / "features" / f"{spec.encoder}-{_cache_key(catalog, ids, spec)}.safetensors"
+    name = f"{spec.encoder}-{_cache_key(catalog, ids, spec)}{'-mirrored' if mirrored else ''}.safetensors"
+    path = Path(cache_dir) / "features" / name
     if path.is_file():
         try:
             cached = load_file(path)
@@ -77,7 +79,10 @@ def cached_backbone_maps(model, catalog: Catalog, ids: list[int], spec: ModelSpe
             logger.warning("ignoring unreadable feature cache %s (%s)", path, err)
     pixels, kept, broken = decode_images(catalog, ids, spec)
     mids, finals = [], []
-    for start in tqdm(range(0, len(kept), batch_size), desc="extracting encoder maps", unit="batch"):
+    if mirrored:
+        pixels = pixels.flip(-1)
+    desc = f"extracting {'mirrored ' if mirrored else ''}encoder maps"
+    for start in tqdm(range(0, len(kept), batch_size), desc=desc, unit="batch"):
         mid, final = model.encoder.backbone_maps(normalize(pixels[start : start + batch_size], spec))
         mids.append(mid.half())
         finals.append(final.half())
@@ -98,6 +103,7 @@ class CaptionDataset(Dataset):
     maps: tuple[torch.Tensor, torch.Tensor] | None = None
     pixels: torch.Tensor | None = None  # uint8, normalised per batch
     spec: ModelSpec | None = None
+    mirrored_maps: tuple[torch.Tensor, torch.Tensor] | None = None  # the same rows, images mirrored
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -106,12 +112,21 @@ class CaptionDataset(Dataset):
         item = {"labels": self.labels[i]}
         if self.maps is not None:
             item["mid"], item["final"] = self.maps[0][i], self.maps[1][i]
+            if self.mirrored_maps is not None:
+                item["mid_mirrored"], item["final_mirrored"] = self.mirrored_maps[0][i], self.mirrored_maps[1][i]
         else:
             item["pixels"] = self.pixels[i]
         return item
 
 
-def make_collator(spec: ModelSpec):
+def make_collator(spec: ModelSpec, flip_p: float = 0.0):
+    """Pads captions with -100; with flip_p > 0 mirrors that share of the batch left-right (training only).
+
+    Pixels are flipped; cached maps are swapped for the maps of the mirrored image when the dataset has
+    them. Flipping the maps themselves would be no substitute: over 512 products their cosine to the
+    mirrored image's maps is 0.79 (stride 16) / 0.87 (final), below the unflipped maps' 0.85 / 0.92.
+    """
+
     def collate(items: list[dict]) -> dict:
         width = max(len(it["labels"]) for it in items)
         labels = torch.full((len(items), width), -100, dtype=torch.long)
@@ -123,6 +138,13 @@ def make_collator(spec: ModelSpec):
             batch["final"] = torch.stack([it["final"] for it in items])
         else:
             batch["pixel_values"] = normalize(torch.stack([it["pixels"] for it in items]), spec)
+        if flip_p > 0:
+            flip = torch.rand(len(items)) < flip_p
+            if "pixel_values" in batch:
+                batch["pixel_values"][flip] = batch["pixel_values"][flip].flip(-1)
+            elif "final_mirrored" in items[0]:
+                for key in ("mid", "final"):
+                    batch[key][flip] = torch.stack([it[f"{key}_mirrored"] for it in items])[flip]
         return batch
 
     return collate

@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> Path:
     if run_args.cache_features:
         maps, broken = cached_backbone_maps(model, catalog, ids, spec, Path(data_args.cache_dir))
         kept = maps["ids"].tolist()
+        if data_args.flip_p > 0:
+            mirrored, _ = cached_backbone_maps(model, catalog, ids, spec, Path(data_args.cache_dir), mirrored=True)
     else:
         pixels, kept, broken = decode_images(catalog, ids, spec)
     split_path = run_dir / "split.json"
@@ -249,14 +251,16 @@ def main(argv: list[str] | None = None) -> Path:
     names = catalog.products["productDisplayName"]
     row_of = {pid: row for row, pid in enumerate(kept)}
 
-    def dataset(split_ids: list[int]) -> CaptionDataset:
+    def dataset(split_ids: list[int], augment: bool = False) -> CaptionDataset:
         rows = torch.tensor([row_of[i] for i in split_ids], dtype=torch.long)
         labels = encode_captions(names.loc[split_ids].tolist(), data_args.max_caption_tokens)
-        if run_args.cache_features:
-            return CaptionDataset(labels, maps=(maps["mid"][rows], maps["final"][rows]), spec=spec)
-        return CaptionDataset(labels, pixels=pixels[rows], spec=spec)
+        if not run_args.cache_features:
+            return CaptionDataset(labels, pixels=pixels[rows], spec=spec)
+        flipped = (mirrored["mid"][rows], mirrored["final"][rows]) if augment and data_args.flip_p > 0 else None
+        return CaptionDataset(labels, maps=(maps["mid"][rows], maps["final"][rows]), spec=spec,
+                              mirrored_maps=flipped)
 
-    train_set, val_set = dataset(split.train_ids), dataset(split.val_ids)
+    train_set, val_set = dataset(split.train_ids, augment=True), dataset(split.val_ids)
     if run_args.output_shortlist:
         model.set_output_shortlist({t for seq in train_set.labels for t in seq})
     collate = make_collator(spec)
@@ -301,7 +305,8 @@ def main(argv: list[str] | None = None) -> Path:
     callbacks = [RunRecorder(run_dir, info, spec, val_set, collate, run_args.eval_batch_size)]
     if run_args.staged_unfreezing:
         callbacks.append(StagedUnfreezing())
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, data_collator=collate,
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
+                      data_collator=make_collator(spec, data_args.flip_p),
                       callbacks=callbacks)
 
     # 8. Train (resuming from the last whole epoch if there is one)
