@@ -31,7 +31,7 @@ def history_table(run: Run) -> str:
         reported = paper.loc[epoch] if epoch in paper.index else None
         lines.append(
             f"| {epoch}{' (best)' if epoch == best else ''} | {_fmt(row.train_loss)} | {_fmt(row.train_perplexity, 2)} "
-            f"| {_fmt(row.val_loss)} | {_fmt(row.val_perplexity, 2)} | {row.seconds / 60:.1f} "
+            f"| {_fmt(row.val_loss, 4)} | {_fmt(row.val_perplexity)} | {row.seconds / 60:.1f} "
             f"| {_fmt(reported.val_loss) if reported is not None else ''} "
             f"| {_fmt(reported.val_perplexity, 2) if reported is not None else ''} |")
     return "\n".join(lines)
