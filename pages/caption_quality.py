@@ -96,6 +96,14 @@ for i, (key, label, scale) in enumerate(METRICS):
     )
 if number(model.get("perplexity")) is not None:
     st.caption(f"Held-out loss {model['loss']:.3f}, perplexity {model['perplexity']:.2f} per GPT-2 token.")
+reranked = metrics.get("reranked") or {}
+if number(reranked.get("bleu_4")) is not None and number(model.get("bleu_4")) is not None:
+    st.caption(
+        f"**Reranked** (the model's most likely among its greedy caption and the names of the "
+        f"{reranked.get('k', '?')} visually nearest training products): BLEU-4 {reranked['bleu_4']:.1f} "
+        f"({reranked['bleu_4'] - model['bleu_4']:+.1f} vs greedy), last two words match "
+        f"{reranked['last_two_match']:.1%} ({(reranked['last_two_match'] - model['last_two_match']) * 100:+.1f} pts)."
+    )
 
 image_dir = choice.data_dir / "images"
 left, right = st.columns(2, gap="medium")
@@ -149,7 +157,8 @@ page = nav[0].number_input("Page", min_value=1, max_value=pages, value=1, step=1
 nav[1].caption(f"{len(subset):,} of {len(captions):,} products match the filters · page {page} of {pages}")
 view = subset.iloc[(page - 1) * PAGE_SIZE : page * PAGE_SIZE].copy()
 view.insert(0, "image", [loaders.thumb_uri(image_dir / f"{int(i)}.jpg") for i in view["id"]])
-columns = [c for c in ["image", "id", "reference", "generated", "nn_caption", "sentence_bleu", "last_two_match",
+columns = [c for c in ["image", "id", "reference", "generated", "reranked", "nn_caption", "sentence_bleu",
+                       "last_two_match",
                        "articleType", "baseColour", "gender"] if c in view]
 st.dataframe(
     view[columns], hide_index=True, key="quality_table", row_height=64, height=38 + 64 * min(len(view), 8),
@@ -158,6 +167,7 @@ st.dataframe(
         "id": st.column_config.NumberColumn("id", format="%d"),
         "reference": st.column_config.TextColumn("reference (product name)", width="medium"),
         "generated": st.column_config.TextColumn("generated caption", width="medium"),
+        "reranked": st.column_config.TextColumn("reranked caption", width="medium"),
         "nn_caption": st.column_config.TextColumn("NN caption", width="medium"),
         "sentence_bleu": st.column_config.ProgressColumn("BLEU", min_value=0, max_value=100, format="%.0f"),
         "last_two_match": st.column_config.CheckboxColumn("last 2 match"),

@@ -68,9 +68,11 @@ def one_product() -> None:
     except (DataError, RunError) as err:
         picker_box.error(str(err))
         return
-    generated = {}
+    generated, reranked = {}, {}
     if evaluation.captions is not None:
         generated = dict(zip(evaluation.captions["id"].astype(int), evaluation.captions["generated"], strict=True))
+        if "reranked" in evaluation.captions:
+            reranked = dict(zip(evaluation.captions["id"].astype(int), evaluation.captions["reranked"], strict=True))
         options = [i for i in generated if i in products.index]
     else:
         options = held_out
@@ -105,6 +107,9 @@ def one_product() -> None:
         with st.container():
             st.markdown(f"**Reference (product name):** {md(query['productDisplayName'])}")
             st.markdown(f"**Generated caption:** {md(caption) or '*(empty caption)*'}")
+            if product_id in reranked and reranked[product_id] != caption:
+                st.markdown(f"**Reranked caption:** {md(reranked[product_id])} *(the model's likeliest of its "
+                            "caption and the nearest training names; its rows are in the table below)*")
             st.caption(f"{query['articleType']} · {query['baseColour']} · {query['gender']} · {len(train_ids):,} "
                        "training products searchable")
     if not names:

@@ -19,6 +19,7 @@ from ris_core.modeling import (
     ModelSpec,
     image_processor,
     load_model_dir,
+    sequence_log_likelihoods,
     token_cross_entropy,
 )
 from ris_core.tokenizer import encode_captions, gpt2_tokenizer
@@ -56,9 +57,8 @@ class Captioner:
         processor = image_processor(self.spec)
         return processor(images=squared, return_tensors="pt")["pixel_values"]
 
-    @torch.no_grad()
-    def run_batch(self, images: list[Image.Image], references: list[str] | None = None, num_beams: int = 1,
-                  max_new_tokens: int = 32) -> CaptionBatch:
+    def _encode(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoder tokens, the same projected to the decoder's width, pooled image embedding)."""
         pixels = self.preprocess(images)
         encoder = self.model.encoder
         if hasattr(encoder, "backbone_maps"):
@@ -70,14 +70,15 @@ class Captioner:
             pooled = raw.mean(dim=1)
         projection = getattr(self.model, "enc_to_dec_proj", None)
         hidden = projection(raw) if projection is not None and _has_projection(self.model) else raw
+        return raw, hidden, pooled
+
+    @torch.no_grad()
+    def run_batch(self, images: list[Image.Image], references: list[str] | None = None, num_beams: int = 1,
+                  max_new_tokens: int = 32) -> CaptionBatch:
+        raw, hidden, pooled = self._encode(images)
         out = CaptionBatch(captions=[], embeddings=torch.nn.functional.normalize(pooled, dim=1).numpy())
         if references is not None:
-            labels = encode_captions(references)
-            width = max(map(len, labels))
-            label_tensor = torch.full((len(labels), width), -100, dtype=torch.long)
-            for row, seq in enumerate(labels):
-                label_tensor[row, : len(seq)] = torch.tensor(seq)
-            loss, tokens = token_cross_entropy(self.model, hidden, label_tensor)
+            loss, tokens = token_cross_entropy(self.model, hidden, _label_tensor(references))
             out.loss_sum, out.tokens = loss.item() * tokens, tokens
         # the encoder ran once; generate() projects `raw` itself. The mask only says "every image token is real":
         # pad == eos, so generate() cannot infer it and warns otherwise (same tokens either way).
@@ -87,6 +88,23 @@ class Captioner:
                                         num_beams=num_beams, max_new_tokens=max_new_tokens)
         out.captions = [c.strip() for c in gpt2_tokenizer().batch_decode(generated, skip_special_tokens=True)]
         return out
+
+    @torch.no_grad()
+    def log_likelihoods(self, images: list[Image.Image], candidates: list[list[str]]) -> list[np.ndarray]:
+        """The model's summed log-probability of each image's candidate captions (one array per image)."""
+        _, hidden, _ = self._encode(images)
+        rows = [i for i, texts in enumerate(candidates) for _ in texts]
+        flat = [text for texts in candidates for text in texts]
+        if not flat:
+            return [np.zeros(0) for _ in candidates]
+        scores = sequence_log_likelihoods(self.model, hidden[rows], _label_tensor(flat)).numpy()
+        bounds = np.cumsum([0] + [len(texts) for texts in candidates])
+        return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def rerank(self, images: list[Image.Image], candidates: list[list[str]]) -> list[str]:
+        """Each image's most likely candidate under the model ("" for an empty candidate list)."""
+        return [texts[int(np.argmax(scores))] if texts else ""
+                for texts, scores in zip(candidates, self.log_likelihoods(images, candidates))]
 
     def caption(self, images: list[Image.Image], batch_size: int = 64, num_beams: int = 1) -> list[str]:
         captions: list[str] = []
@@ -118,6 +136,15 @@ class Captioner:
             self.stats["images_per_second"] = done / max(time.perf_counter() - started, 1e-9)
             yield ids, result, skipped
         bar.close()
+
+
+def _label_tensor(texts: list[str]) -> torch.Tensor:
+    """Caption token ids + EOS, padded with -100 (ignored by the loss)."""
+    labels = encode_captions(texts)
+    tensor = torch.full((len(labels), max(map(len, labels))), -100, dtype=torch.long)
+    for row, seq in enumerate(labels):
+        tensor[row, : len(seq)] = torch.tensor(seq)
+    return tensor
 
 
 def _has_projection(model) -> bool:

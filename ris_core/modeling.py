@@ -203,3 +203,26 @@ def token_cross_entropy(model: VisionEncoderDecoderModel, encoder_hidden: torch.
     logits = model.decoder.lm_head(hidden[target])
     loss = torch.nn.functional.cross_entropy(logits.float(), labels[target])
     return loss, int(target.sum())
+
+
+def sequence_log_likelihoods(model: VisionEncoderDecoderModel, encoder_hidden: torch.Tensor,
+                             labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Summed log-probability (nats, EOS included) of each row's caption: the model's score of a candidate.
+
+    The full-vocabulary softmax runs on target positions in chunks, so scoring many candidates at once does
+    not hold a (positions x 50,257) matrix in memory.
+    """
+    decoder_input_ids = torch.cat(
+        [torch.full_like(labels[:, :1], EOS_TOKEN_ID), labels[:, :-1].clamp(min=0)], dim=1
+    )
+    hidden = model.decoder.transformer(input_ids=decoder_input_ids,
+                                       encoder_hidden_states=encoder_hidden).last_hidden_state
+    target = labels != -100
+    states, tokens = hidden[target], labels[target]
+    rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(labels)[target]
+    token_logp = torch.cat([
+        torch.log_softmax(model.decoder.lm_head(states[i : i + chunk]).float(), dim=-1)
+        .gather(1, tokens[i : i + chunk, None]).squeeze(1)
+        for i in range(0, len(tokens), chunk)
+    ])
+    return torch.zeros(labels.shape[0]).index_add_(0, rows, token_logp)

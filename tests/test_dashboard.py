@@ -251,9 +251,11 @@ def test_caption_quality_metrics_histogram_and_filters(runs_root):
     assert {"BLEU-1", "BLEU-4", "Last two words match", "Exact match"} <= set(labels)
     assert all("vs NN caption" in (m.proto.delta or "") for m in at.metric)
     assert "held-out products scored" in texts(at)
+    assert "Reranked" in texts(at) and "vs greedy" in texts(at)
     assert at.get("plotly_chart")
     table = at.dataframe[-1].value
     assert table["image"].str.startswith("data:image/jpeg;base64,").all()
+    assert {"generated", "reranked", "nn_caption"} <= set(table.columns)
 
     article = sorted(table["articleType"].unique())[0]
     at.multiselect(key="quality_article").set_value([article]).run()
@@ -285,8 +287,9 @@ def test_query_strategies_side_by_side_and_aggregate(runs_root):
     assert len(at.code) == 2
     body = texts(at)
     assert "Generated caption" in body and "relevant**]" in body and "of 10 relevant (R1)" in body
-    assert at.get("plotly_chart") and at.dataframe[-1].value["strategy"].str.startswith(
-        "oracle:").any()
+    strategies = at.dataframe[-1].value["strategy"]
+    assert at.get("plotly_chart") and strategies.str.startswith("oracle:").any()
+    assert strategies.str.startswith("reranked:").any()
     assert "last_two_words − full_caption" in body and "95% CI" in body
 
     at.multiselect(key="strategies_names").set_value(["last_two_words", "full_caption", "drop_brand"]).run()

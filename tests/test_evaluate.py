@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ris_core.data import load_catalog
 from ris_core.runs import RunError
 from training.evaluate import main as evaluate_main
 
@@ -22,7 +23,7 @@ def evaluated_run(tiny_run: Path, tiny_catalog: Path, tmp_path_factory) -> Path:
     return run
 
 
-def test_evaluation_writes_all_four_files(evaluated_run: Path):
+def test_evaluation_writes_all_four_files(evaluated_run: Path, tiny_catalog: Path):
     eval_dir = evaluated_run / "eval"
     captions = pd.read_csv(eval_dir / "captions.csv", keep_default_na=False)
     split = json.loads((evaluated_run / "split.json").read_text())
@@ -42,6 +43,12 @@ def test_evaluation_writes_all_four_files(evaluated_run: Path):
     refined = retrieval[retrieval["strategy"] == "last_two_words+refine"]
     assert len(refined) == len(captions) and set(refined["source"]) == {"refine"}  # fewer than 500: all refined
     assert any(p["a"] == "last_two_words+refine" and p["b"] == "last_two_words" for p in summary["paired"])
+    assert set(retrieval.loc[retrieval["strategy"] == "reranked:last_two_words", "source"]) == {"reranked"}
+    assert any(p["a"] == "reranked:last_two_words" and p["b"] == "last_two_words" for p in summary["paired"])
+    # reranked captions: the greedy caption or a training product's name, scored beside greedy
+    assert metrics["reranked"]["k"] == 10 and metrics["reranked"]["n"] == len(captions)
+    train_names = set(load_catalog(tiny_catalog).products.loc[split["train_ids"], "productDisplayName"])
+    assert all(r == g or r in train_names for r, g in zip(captions["reranked"], captions["generated"]))
     # the oracle searches with the true name: its top hit is of the same articleType far more often than chance
     assert row["p_at_1"] > 0.3
 
@@ -53,8 +60,11 @@ def test_rerun_reuses_captions(evaluated_run: Path, tiny_catalog: Path, monkeypa
         raise AssertionError("captioned again instead of reusing captions.csv")
 
     monkeypatch.setattr(captioner.Captioner, "caption_paths", fail)
+    monkeypatch.setattr(captioner.Captioner, "rerank", fail)
     evaluate_main(["--run", str(evaluated_run), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50",
                    "--refine_queries", "0"])
+    columns = pd.read_csv(evaluated_run / "eval" / "captions.csv", nrows=1).columns
+    assert len(columns) == len(set(columns)) and "reranked" in columns and "masterCategory.1" not in columns
 
 
 def test_run_without_checkpoint_is_one_clear_error(tmp_path: Path):

@@ -11,15 +11,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
-from ris_core.captioner import Captioner
-from ris_core.modeling import CheckpointError, ModelSpec, build_captioner, load_model_dir, save_captioner
+from ris_core.captioner import Captioner, _label_tensor
+from ris_core.modeling import (
+    CheckpointError,
+    ModelSpec,
+    build_captioner,
+    load_model_dir,
+    save_captioner,
+    token_cross_entropy,
+)
 from ris_core.runs import RunError
 from tests.conftest import REPO, tiny_train_args
-from training.train import TrainableCaptioner, main
+from training.train import TrainableCaptioner, main, open_run_dir
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +79,23 @@ def VisionEncoderDecoder_loss(model, pixels, labels) -> float:  # noqa: N802 - t
 
     plain = VisionEncoderDecoderModel(config=model.config, encoder=model.encoder, decoder=model.decoder)
     return plain(pixel_values=pixels, labels=labels).loss.item()
+
+
+def test_candidate_scores_are_the_models_log_likelihood_whatever_else_is_in_the_batch(tiny_run: Path,
+                                                                                        tiny_catalog: Path):
+    captioner = Captioner.load(tiny_run)
+    image = Image.open(next((tiny_catalog / "images").glob("*.jpg")))
+    candidates = ["Nike Men Black Shoes", "Puma Women Blue Printed Round Neck T-shirt", ""]
+    together = captioner.log_likelihoods([image, image], [candidates, candidates[::-1]])
+    alone = [captioner.log_likelihoods([image], [[text]])[0][0] for text in candidates]
+    assert together[0] == pytest.approx(alone, abs=1e-4) and together[1] == pytest.approx(alone[::-1], abs=1e-4)
+    assert all(score < 0 for score in alone)
+    # the same numbers as the loss: summed log-likelihood = -(mean token cross-entropy x tokens)
+    _, hidden, _ = captioner._encode([image])
+    loss, tokens = token_cross_entropy(captioner.model, hidden, _label_tensor([candidates[1]]))
+    assert alone[1] == pytest.approx(-loss.item() * tokens, rel=1e-4)
+    assert captioner.rerank([image], [candidates]) == [candidates[int(np.argmax(alone))]]
+    assert captioner.rerank([image], [[]]) == [""]
 
 
 def test_save_load_round_trip_gives_identical_logits(tmp_path: Path):
@@ -138,6 +164,16 @@ def test_a_different_run_in_the_output_folder_is_refused_untouched(tiny_run: Pat
     with pytest.raises(RunError, match="different run"):
         main(args)
     assert before == {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.is_file()}
+
+
+def test_a_run_recorded_before_an_argument_existed_resumes_with_that_arguments_old_value(tmp_path: Path):
+    run_dir = tmp_path / "old-run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"args": {"epochs": 10}}))  # written before --flip_p existed
+    assert open_run_dir(run_dir, {"epochs": 10, "flip_p": 0.0}) is True
+    with pytest.raises(RunError, match="differs in: flip_p"):
+        open_run_dir(run_dir, {"epochs": 10, "flip_p": 0.5})
+    assert json.loads((run_dir / "run.json").read_text()) == {"args": {"epochs": 10}}
 
 
 def test_paper_preset_offline_says_so_in_one_line(tmp_path: Path):

@@ -141,9 +141,10 @@ def make_collator(spec: ModelSpec, flip_p: float = 0.0):
             flip = torch.rand(len(items)) < flip_p
             if "pixel_values" in batch:
                 batch["pixel_values"][flip] = batch["pixel_values"][flip].flip(-1)
-            elif "final_mirrored" in items[0]:
+            elif "final_mirrored" in items[0] and flip.any():
+                chosen = [it for it, mirrored in zip(items, flip.tolist()) if mirrored]  # copy only those rows
                 for key in ("mid", "final"):
-                    batch[key][flip] = torch.stack([it[f"{key}_mirrored"] for it in items])[flip]
+                    batch[key][flip] = torch.stack([it[f"{key}_mirrored"] for it in chosen])
         return batch
 
     return collate

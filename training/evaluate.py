@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ris_core.captioner import embed_paths
 from ris_core.data import DEFAULT_DATA_DIR, DataError, load_catalog
+from ris_core.images import ImageError, open_image
 from ris_core.metrics import caption_metrics, exact_match, last_words_match, sentence_bleu
 from ris_core.modeling import CheckpointError
 from ris_core.paper_notebook import load_any_captioner
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--refine_queries", type=int, default=500,
                         help="held-out products whose results are also refined (+refine rows; 0 = none)")
+    parser.add_argument("--rerank_k", type=int, default=10,
+                        help="also rerank the greedy caption and the names of the k visually nearest training "
+                             "products by the model's likelihood (a 'reranked' column and metrics; 0 = off)")
     parser.add_argument("--force", action="store_true", help="recompute captions and embeddings")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -126,7 +130,9 @@ def main(argv: list[str] | None = None) -> Path:
     if (not args.force and state.get("captions_key") == val_key and captions_path.is_file()
             and _load_npy(embeddings_path) is not None):
         logger.info("reusing %s", captions_path)
+        kept_columns = ["id", "reference", "generated", "reranked"]  # the rest is recomputed below
         captions = pd.read_csv(captions_path, keep_default_na=False)
+        captions = captions[[c for c in kept_columns if c in captions]]
         val_emb = _load_npy(embeddings_path)
         kept, skipped, loss_sum, tokens, rate = (captions["id"].tolist(), state["skipped"], state["loss_sum"],
                                                  state["tokens"], state["images_per_second"])
@@ -171,6 +177,18 @@ def main(argv: list[str] | None = None) -> Path:
         write_json_atomic(state_path, state)
     neighbours = [knn.search_vector(vec, k=args.k) for vec in val_emb]
 
+    # 3b. Reranked captions: the model's most likely among its greedy caption and the names of the rerank_k
+    # visually nearest training products (retrieval-augmented decoding, scored beside greedy, never instead)
+    rerank_key = _digest(val_key, knn_key, args.rerank_k)
+    if args.rerank_k > 0 and hasattr(captioner, "log_likelihoods"):
+        if args.force or state.get("rerank_key") != rerank_key or "reranked" not in captions:
+            captions["reranked"] = _reranked(captioner, catalog, captions, val_emb, knn, args)
+            write_csv_atomic(captions_path, captions)
+            state["rerank_key"] = rerank_key
+            write_json_atomic(state_path, state)
+    else:
+        captions = captions.drop(columns="reranked", errors="ignore")
+
     # 4. Caption metrics, beside the nearest-neighbour-caption baseline
     nn_caption = [r.results[0].title if r.results else "" for r in neighbours]
     captions["nn_caption"] = nn_caption
@@ -191,6 +209,8 @@ def main(argv: list[str] | None = None) -> Path:
                   "loss": state["loss_sum"] / max(state["tokens"], 1),
                   "perplexity": math.exp(state["loss_sum"] / max(state["tokens"], 1))},
         "nn_caption_baseline": caption_metrics(nn_caption, captions["reference"].tolist()),
+        **({"reranked": {**caption_metrics(captions["reranked"].tolist(), captions["reference"].tolist()),
+                         "k": args.rerank_k}} if "reranked" in captions else {}),
         "catalog_size": len(knn.ids),
     }
     write_json_atomic(eval_dir / "caption_metrics.json", metrics)
@@ -200,6 +220,8 @@ def main(argv: list[str] | None = None) -> Path:
     index = CatalogIndex.build(train_products, catalog.image_dir)
     jobs = [("caption", name, fn, captions["generated"]) for name, fn in STRATEGIES.items()]
     jobs += [("oracle", f"oracle:{name}", fn, captions["reference"]) for name, fn in STRATEGIES.items()]
+    if "reranked" in captions:
+        jobs += [("reranked", f"reranked:{name}", fn, captions["reranked"]) for name, fn in STRATEGIES.items()]
     frames, hits_of = [], {}
     query_ids = captions["id"].tolist()
     for source, name, fn, texts in tqdm(jobs, desc="searching", unit="strategy", disable=args.quiet):
@@ -223,12 +245,36 @@ def main(argv: list[str] | None = None) -> Path:
         "paired": [paired_difference(per_query, *PAIRED, n_boot=args.n_boot),
                    paired_difference(per_query, "last_two_words", "image_knn", n_boot=args.n_boot)]
         + [paired_difference(per_query, name, name.removesuffix("+refine"), n_boot=args.n_boot)
-           for name in per_query["strategy"].unique() if name.endswith("+refine")],
+           for name in per_query["strategy"].unique() if name.endswith("+refine")]
+        + ([paired_difference(per_query, "reranked:last_two_words", "last_two_words", n_boot=args.n_boot)]
+           if "reranked" in captions else []),
     }
     write_json_atomic(eval_dir / "retrieval.json", summary)
     logger.info("wrote %s (BLEU-4 %.1f, last-two match %.3f)", eval_dir, metrics["model"]["bleu_4"],
                 metrics["model"]["last_two_match"])
     return eval_dir
+
+
+def _reranked(captioner, catalog, captions: pd.DataFrame, val_emb: np.ndarray, knn: ImageKnnIndex,
+              args: argparse.Namespace, batch_size: int = 16) -> list[str]:
+    """Per held-out product, the candidate the model finds most likely (the greedy caption if its image fails)."""
+    out: list[str] = []
+    for start in tqdm(range(0, len(captions), batch_size), desc="reranking captions", unit="batch",
+                      disable=args.quiet):
+        rows = list(range(start, min(start + batch_size, len(captions))))
+        images, candidates, readable = [], [], []
+        for row in rows:
+            greedy = captions["generated"].iloc[row]
+            try:
+                images.append(open_image(catalog.image_path(int(captions["id"].iloc[row]))))
+            except ImageError:
+                continue
+            names = [hit.title for hit in knn.search_vector(val_emb[row], k=args.rerank_k).results]
+            candidates.append(list(dict.fromkeys([greedy, *names])))
+            readable.append(row)
+        best = dict(zip(readable, captioner.rerank(images, candidates) if images else []))
+        out += [best.get(row, captions["generated"].iloc[row]) for row in rows]
+    return out
 
 
 def _refined(captioner, catalog, captions: pd.DataFrame, val_emb: np.ndarray, hits_of: dict[str, list[list[int]]],

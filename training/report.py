@@ -43,11 +43,16 @@ def caption_table(run: Run) -> str:
     rows = [("BLEU-1", "bleu_1", 1), ("BLEU-2", "bleu_2", 1), ("BLEU-3", "bleu_3", 1), ("BLEU-4", "bleu_4", 1),
             ("mean sentence BLEU", "sentence_bleu_mean", 1), ("last-two-words match", "last_two_match", 3),
             ("last-word match", "last_word_match", 3), ("exact match", "exact_match", 3)]
+    columns = [("captioner (greedy)", model)]
+    if "reranked" in metrics:  # the model's pick among its greedy caption and the k nearest training names
+        columns.append((f"captioner, reranked (k={metrics['reranked']['k']})", metrics["reranked"]))
+    columns.append(("nearest-neighbour caption", nn))
     lines = [f"{metrics['n_scored']:,} held-out products scored ({metrics['n_skipped']} unreadable skipped), "
              f"greedy decoding, {metrics['images_per_second']:.0f} images/s; val perplexity "
              f"{model['perplexity']:.3f} (loss {model['loss']:.4f}).", "",
-             "| metric | captioner | nearest-neighbour caption |", "|---|---:|---:|"]
-    lines += [f"| {label} | {model[key]:.{d}f} | {nn[key]:.{d}f} |" for label, key, d in rows]
+             "| metric | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(f"{values[key]:.{d}f}" for _, values in columns) + " |"
+              for label, key, d in rows]
     return "\n".join(lines)
 
 

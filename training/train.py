@@ -38,6 +38,8 @@ from training.data import CaptionDataset, cached_backbone_maps, decode_images, m
 logger = logging.getLogger("training.train")
 # fields that may differ between the command that started a run and the one that resumes it
 RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name"}
+# arguments added after runs were already recorded, with the value those older runs implicitly used
+ADDED_SINCE = {"flip_p": 0.0}
 
 
 class TrainableCaptioner(VisionEncoderDecoderModel):
@@ -198,7 +200,7 @@ def open_run_dir(run_dir: Path, resolved: dict) -> bool:
             raise RunError(f"{run_dir} is not empty and holds no run.json: choose another --run_name")
         import json
 
-        saved = json.loads(info_path.read_text()).get("args", {})
+        saved = {**ADDED_SINCE, **json.loads(info_path.read_text()).get("args", {})}
         differ = sorted(k for k in set(saved) | set(resolved)
                         if k not in RESUME_MAY_DIFFER and saved.get(k) != resolved.get(k))
         if differ:
