@@ -123,12 +123,18 @@ class CaptionCache:
         return self.memory[sha256]
 
     def put(self, sha256: str, caption: str, embedding: np.ndarray) -> None:
-        vector = np.asarray(embedding, dtype=np.float32).ravel()
-        self.memory[sha256] = (caption, vector)
-        if self.path is not None:
+        self.put_many([(sha256, caption, embedding)])
+
+    def put_many(self, items: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """Store (sha256, caption, embedding) rows in one transaction (one commit per batch, not per image)."""
+        rows = []
+        for sha256, caption, embedding in items:
+            vector = np.asarray(embedding, dtype=np.float32).ravel()
+            self.memory[sha256] = (caption, vector)
+            rows.append((self.model_key, sha256, caption, vector.tobytes()))
+        if self.path is not None and rows:
             with self._connect() as con:
-                con.execute("INSERT OR REPLACE INTO captions VALUES (?, ?, ?, ?)",
-                            (self.model_key, sha256, caption, vector.tobytes()))
+                con.executemany("INSERT OR REPLACE INTO captions VALUES (?, ?, ?, ?)", rows)
 
     def __len__(self) -> int:
         if self.path is None:

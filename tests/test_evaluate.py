@@ -53,7 +53,7 @@ def test_evaluation_writes_all_four_files(evaluated_run: Path, tiny_catalog: Pat
     assert row["p_at_1"] > 0.3
 
 
-def test_rerun_reuses_captions(evaluated_run: Path, tiny_catalog: Path, monkeypatch):
+def test_rerun_reuses_captions_reranking_and_refinement_captions(evaluated_run: Path, tiny_catalog: Path, monkeypatch):
     from ris_core import captioner
 
     def fail(*args, **kwargs):
@@ -61,10 +61,11 @@ def test_rerun_reuses_captions(evaluated_run: Path, tiny_catalog: Path, monkeypa
 
     monkeypatch.setattr(captioner.Captioner, "caption_paths", fail)
     monkeypatch.setattr(captioner.Captioner, "rerank", fail)
-    evaluate_main(["--run", str(evaluated_run), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50",
-                   "--refine_queries", "0"])
+    evaluate_main(["--run", str(evaluated_run), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50"])
     columns = pd.read_csv(evaluated_run / "eval" / "captions.csv", nrows=1).columns
     assert len(columns) == len(set(columns)) and "reranked" in columns and "masterCategory.1" not in columns
+    strategies = set(pd.read_csv(evaluated_run / "eval" / "retrieval.csv", usecols=["strategy"])["strategy"])
+    assert "last_two_words+refine" in strategies and "reranked:last_two_words+refine" not in strategies
 
 
 def test_run_without_checkpoint_is_one_clear_error(tmp_path: Path):

@@ -4,7 +4,8 @@
     python -m training.evaluate --run results/runs/reference-cpu          # the data folder the run was trained on
 
 Writes into <run>/eval/ (atomically): captions.csv, caption_metrics.json, retrieval.csv, retrieval.json.
-Captions and embeddings already computed for the same model and products are reused unless --force.
+Captions, embeddings, reranked captions and the captions of refined results already computed for the same
+model and products are reused unless --force.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rerank_k", type=int, default=10,
                         help="also rerank the greedy caption and the names of the k visually nearest training "
                              "products by the model's likelihood (a 'reranked' column and metrics; 0 = off)")
-    parser.add_argument("--force", action="store_true", help="recompute captions and embeddings")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute captions, embeddings, reranking and the refinement captions")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> Path:
     captioner = load_any_captioner(run.path)  # before touching eval/: a corrupt checkpoint leaves no trace
     eval_dir = run.eval_dir
     eval_dir.mkdir(exist_ok=True)
+    if args.force:
+        (eval_dir / "refine_cache.sqlite").unlink(missing_ok=True)
     model_key = _model_digest(run)
 
     # 2. Caption every held-out image (reused when the same model already captioned the same products)
@@ -235,7 +239,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 6. Result refinement (paper IV-B) on a seeded subset: re-rank each strategy's hits by agreement
     if args.refine_queries > 0:
-        frames += _refined(captioner, catalog, captions, val_emb, hits_of, args, products, train_products)
+        frames += _refined(captioner, catalog, captions, val_emb, hits_of, args, products, train_products,
+                           eval_dir / "refine_cache.sqlite", model_key)
     per_query = pd.concat(frames, ignore_index=True)
     write_csv_atomic(eval_dir / "retrieval.csv", per_query.round(4))
     summary = {
@@ -278,18 +283,21 @@ def _reranked(captioner, catalog, captions: pd.DataFrame, val_emb: np.ndarray, k
 
 
 def _refined(captioner, catalog, captions: pd.DataFrame, val_emb: np.ndarray, hits_of: dict[str, list[list[int]]],
-             args: argparse.Namespace, products: pd.DataFrame, train_products: pd.DataFrame) -> list[pd.DataFrame]:
+             args: argparse.Namespace, products: pd.DataFrame, train_products: pd.DataFrame,
+             refine_cache_path: Path, model_key: str) -> list[pd.DataFrame]:
     """`<strategy>+refine` rows for a seeded subset of queries; every result image is captioned once."""
     rng = np.random.default_rng(0)
     rows = np.sort(rng.permutation(len(captions))[: args.refine_queries])
-    strategies = [name for name in hits_of if not name.startswith("oracle:")]
+    strategies = [name for name in hits_of if not name.startswith(("oracle:", "reranked:"))]
     needed = sorted({pid for name in strategies for row in rows for pid in hits_of[name][row]})
-    cache = CaptionCache()
-    for ids, batch, _ in captioner.caption_paths([(i, catalog.image_path(i)) for i in needed],
-                                                 batch_size=args.batch_size, progress=not args.quiet,
-                                                 desc="captioning results for refinement"):
-        for pid, caption, embedding in zip(ids, batch.captions, batch.embeddings):
-            cache.put(hashlib.sha256(catalog.image_path(pid).read_bytes()).hexdigest(), caption, embedding)
+    digests = {pid: hashlib.sha256(catalog.image_path(pid).read_bytes()).hexdigest() for pid in needed}
+    cache = CaptionCache(refine_cache_path, model_key=model_key)  # a re-run captions only what is new
+    missing = [(pid, catalog.image_path(pid)) for pid in needed if cache.get(digests[pid]) is None]
+    batches = captioner.caption_paths(missing, batch_size=args.batch_size, progress=not args.quiet,
+                                      desc="captioning results for refinement") if missing else []
+    for ids, batch, _ in batches:
+        cache.put_many([(digests[pid], caption, embedding)
+                        for pid, caption, embedding in zip(ids, batch.captions, batch.embeddings)])
     frames = []
     query_ids = [int(captions["id"].iloc[r]) for r in rows]
     for name in strategies:
