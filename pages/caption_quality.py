@@ -10,6 +10,7 @@ from ris_app.charts import bleu_histogram
 from ris_app.sidebar import sidebar
 from ris_app.widgets import image_card, short
 from ris_core.data import DataError
+from ris_core.rerank import describe as describe_rerank
 from ris_core.runs import RunError
 
 PAGE_SIZE = 25
@@ -99,8 +100,7 @@ if number(model.get("perplexity")) is not None:
 reranked = metrics.get("reranked") or {}
 if number(reranked.get("bleu_4")) is not None and number(model.get("bleu_4")) is not None:
     st.caption(
-        f"**Reranked** (the model's most likely among its greedy caption and the names of the "
-        f"{reranked.get('k', '?')} visually nearest training products): BLEU-4 {reranked['bleu_4']:.1f} "
+        f"**Reranked** ({describe_rerank(reranked)}): BLEU-4 {reranked['bleu_4']:.1f} "
         f"({reranked['bleu_4'] - model['bleu_4']:+.1f} vs greedy), last two words match "
         f"{reranked['last_two_match']:.1%} ({(reranked['last_two_match'] - model['last_two_match']) * 100:+.1f} pts)."
     )

@@ -108,8 +108,8 @@ def one_product() -> None:
             st.markdown(f"**Reference (product name):** {md(query['productDisplayName'])}")
             st.markdown(f"**Generated caption:** {md(caption) or '*(empty caption)*'}")
             if product_id in reranked and reranked[product_id] != caption:
-                st.markdown(f"**Reranked caption:** {md(reranked[product_id])} *(the model's likeliest of its "
-                            "caption and the nearest training names; its rows are in the table below)*")
+                st.markdown(f"**Reranked caption:** {md(reranked[product_id])} *(the best of the model's "
+                            "captions and the nearest training names; its rows are in the table below)*")
             st.caption(f"{query['articleType']} · {query['baseColour']} · {query['gender']} · {len(train_ids):,} "
                        "training products searchable")
     if not names:

@@ -13,7 +13,7 @@ PALETTE = qualitative.Plotly
 METRIC_LABELS = {"p_at_1": "P@1", "p_at_5": "P@5", "p_at_10": "P@10", "mrr": "MRR", "ndcg_at_10": "nDCG@10"}
 SOURCE_STYLE = {  # how each kind of retrieval row looks: captions solid, upper bounds hatched, the baseline grey
     "caption": {"color": "#1f77b4", "pattern": "", "label": "caption strategy"},
-    "reranked": {"color": "#9467bd", "pattern": "", "label": "reranked caption (greedy + k nearest names)"},
+    "reranked": {"color": "#9467bd", "pattern": "", "label": "reranked caption (model + nearest names)"},
     "refine": {"color": "#2ca02c", "pattern": ".", "label": "refined (re-ranked by agreement, paper §IV-B)"},
     "oracle": {"color": "#ff9f40", "pattern": "/", "label": "oracle (reference name as caption)"},
     "visual": {"color": "#7f7f7f", "pattern": "x", "label": "image kNN (visual baseline)"},

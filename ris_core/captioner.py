@@ -101,10 +101,16 @@ class Captioner:
         bounds = np.cumsum([0] + [len(texts) for texts in candidates])
         return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def rerank(self, images: list[Image.Image], candidates: list[list[str]]) -> list[str]:
-        """Each image's most likely candidate under the model ("" for an empty candidate list)."""
-        return [texts[int(np.argmax(scores))] if texts else ""
-                for texts, scores in zip(candidates, self.log_likelihoods(images, candidates))]
+    @torch.no_grad()
+    def n_best(self, images: list[Image.Image], num_beams: int = 5, max_new_tokens: int = 32) -> list[list[str]]:
+        """Each image's beam-search hypotheses, likeliest first (candidates for reranking)."""
+        raw, _, _ = self._encode(images)
+        generated = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=raw),
+                                        attention_mask=torch.ones(raw.shape[:2], dtype=torch.long),
+                                        num_beams=num_beams, num_return_sequences=num_beams,
+                                        max_new_tokens=max_new_tokens)
+        texts = [c.strip() for c in gpt2_tokenizer().batch_decode(generated, skip_special_tokens=True)]
+        return [texts[i * num_beams : (i + 1) * num_beams] for i in range(len(images))]
 
     def caption(self, images: list[Image.Image], batch_size: int = 64, num_beams: int = 1) -> list[str]:
         captions: list[str] = []

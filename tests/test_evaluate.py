@@ -6,9 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
+from ris_core.captioner import Captioner
 from ris_core.data import load_catalog
 from ris_core.runs import RunError
 from training.evaluate import main as evaluate_main
@@ -45,10 +48,16 @@ def test_evaluation_writes_all_four_files(evaluated_run: Path, tiny_catalog: Pat
     assert any(p["a"] == "last_two_words+refine" and p["b"] == "last_two_words" for p in summary["paired"])
     assert set(retrieval.loc[retrieval["strategy"] == "reranked:last_two_words", "source"]) == {"reranked"}
     assert any(p["a"] == "reranked:last_two_words" and p["b"] == "last_two_words" for p in summary["paired"])
-    # reranked captions: the greedy caption or a training product's name, scored beside greedy
+    # reranked captions: the model's own (greedy or beam) or a training product's name, scored beside greedy
     assert metrics["reranked"]["k"] == 10 and metrics["reranked"]["n"] == len(captions)
-    train_names = set(load_catalog(tiny_catalog).products.loc[split["train_ids"], "productDisplayName"])
-    assert all(r == g or r in train_names for r, g in zip(captions["reranked"], captions["generated"]))
+    assert metrics["reranked"]["num_beams"] == 5 and metrics["reranked"]["mirror"] is True
+    catalog = load_catalog(tiny_catalog)
+    train_names = set(catalog.products.loc[split["train_ids"], "productDisplayName"])
+    others = captions[(captions["reranked"] != captions["generated"]) & ~captions["reranked"].isin(train_names)]
+    if len(others):
+        images = [Image.open(catalog.image_path(i)).convert("RGB") for i in others["id"]]
+        beams = Captioner.load(evaluated_run).n_best(images, num_beams=5)
+        assert all(r in b for r, b in zip(others["reranked"], beams))
     # the oracle searches with the true name: its top hit is of the same articleType far more often than chance
     assert row["p_at_1"] > 0.3
 
@@ -60,12 +69,30 @@ def test_rerun_reuses_captions_reranking_and_refinement_captions(evaluated_run: 
         raise AssertionError("captioned again instead of reusing captions.csv")
 
     monkeypatch.setattr(captioner.Captioner, "caption_paths", fail)
-    monkeypatch.setattr(captioner.Captioner, "rerank", fail)
+    monkeypatch.setattr(captioner.Captioner, "log_likelihoods", fail)
+    monkeypatch.setattr(captioner.Captioner, "n_best", fail)
     evaluate_main(["--run", str(evaluated_run), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50"])
     columns = pd.read_csv(evaluated_run / "eval" / "captions.csv", nrows=1).columns
     assert len(columns) == len(set(columns)) and "reranked" in columns and "masterCategory.1" not in columns
     strategies = set(pd.read_csv(evaluated_run / "eval" / "retrieval.csv", usecols=["strategy"])["strategy"])
     assert "last_two_words+refine" in strategies and "reranked:last_two_words+refine" not in strategies
+
+
+def test_new_rerank_weights_rerank_again_without_captioning_again(evaluated_run: Path, tiny_catalog: Path,
+                                                                   tmp_path: Path, monkeypatch):
+    from ris_core import captioner
+
+    def fail(*args, **kwargs):
+        raise AssertionError("captioned again instead of reusing captions.csv")
+
+    run = shutil.copytree(evaluated_run, tmp_path / evaluated_run.name)
+    monkeypatch.setattr(captioner.Captioner, "caption_paths", fail)
+    evaluate_main(["--run", str(run), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50",
+                   "--rerank_visual_weight", "1e6", "--rerank_beams", "0"])
+    metrics = json.loads((run / "eval" / "caption_metrics.json").read_text())
+    assert metrics["reranked"]["visual_weight"] == 1e6 and metrics["reranked"]["num_beams"] == 0
+    captions = pd.read_csv(run / "eval" / "captions.csv", keep_default_na=False)
+    assert (captions["reranked"] == captions["nn_caption"]).all()  # overwhelming visual evidence: the nearest name
 
 
 def test_run_without_checkpoint_is_one_clear_error(tmp_path: Path):
@@ -83,3 +110,33 @@ def test_split_outside_the_data_folder_is_one_clear_error(tiny_run: Path, tmp_pa
 
     with pytest.raises(DataError, match="held-out products are in"):
         evaluate_main(["--run", str(tiny_run), "--data_dir", str(other), "--quiet"])
+
+
+def test_rerank_tuning_scores_every_setting_on_both_halves(evaluated_run: Path, tiny_catalog: Path):
+    from training.tune_rerank import GRID
+    from training.tune_rerank import main as tune_main
+
+    table = tune_main(["--run", str(evaluated_run), "--data_dir", str(tiny_catalog), "--n", "12"])
+    assert len(table) == np.prod([len(v) for v in GRID.values()])
+    assert table["tune_objective"].is_monotonic_decreasing
+    assert table[["tune_bleu_4", "check_bleu_4", "all_bleu_4"]].stack().between(0, 100).all()
+    assert (evaluated_run / "eval" / "rerank_tuning.csv").is_file()
+
+
+def test_tuning_picks_by_the_same_score_as_rerank():
+    from ris_core.rerank import RerankConfig
+    from training.tune_rerank import pick
+
+    item = {"greedy": "Nike Men Black Shoes", "beams": ["Puma Men Black Shoes"],
+            "neighbours": [("Adidas Men Black Shoes", 0.9), ("Adidas Men White Shoes", 0.8)],
+            "plain": {"Nike Men Black Shoes": -2.0, "Puma Men Black Shoes": -1.0, "Adidas Men Black Shoes": -5.0,
+                      "Adidas Men White Shoes": -3.0},
+            "mirror": {"Nike Men Black Shoes": -9.0, "Puma Men Black Shoes": -1.0, "Adidas Men Black Shoes": -5.0,
+                       "Adidas Men White Shoes": -3.0}}
+    plain = RerankConfig(num_beams=0, mirror=False, visual_weight=0.0, length_weight=0.0)
+    assert pick(item, plain) == "Nike Men Black Shoes"
+    assert pick(item, RerankConfig(num_beams=5, mirror=False, visual_weight=0.0, length_weight=0.0)) == \
+        "Puma Men Black Shoes"
+    assert pick(item, RerankConfig(num_beams=0, mirror=True, visual_weight=0.0, length_weight=0.0)) == \
+        "Adidas Men White Shoes"
+    assert pick(item, RerankConfig(k=1, num_beams=0, mirror=False, visual_weight=1000.0)) == "Adidas Men Black Shoes"

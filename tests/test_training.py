@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ris_core.captioner import Captioner, _label_tensor
 from ris_core.modeling import (
@@ -26,6 +26,7 @@ from ris_core.modeling import (
     save_captioner,
     token_cross_entropy,
 )
+from ris_core.rerank import RerankConfig, candidate_pool, rerank
 from ris_core.runs import RunError
 from tests.conftest import REPO, tiny_train_args
 from training.train import TrainableCaptioner, main, open_run_dir
@@ -94,8 +95,38 @@ def test_candidate_scores_are_the_models_log_likelihood_whatever_else_is_in_the_
     _, hidden, _ = captioner._encode([image])
     loss, tokens = token_cross_entropy(captioner.model, hidden, _label_tensor([candidates[1]]))
     assert alone[1] == pytest.approx(-loss.item() * tokens, rel=1e-4)
-    assert captioner.rerank([image], [candidates]) == [candidates[int(np.argmax(alone))]]
-    assert captioner.rerank([image], [[]]) == [""]
+
+
+def test_rerank_scores_likelihood_mirror_view_visual_evidence_and_length(tiny_run: Path, tiny_catalog: Path):
+    captioner = Captioner.load(tiny_run)
+    image = Image.open(next((tiny_catalog / "images").glob("*.jpg"))).convert("RGB")
+    neighbours = [("Puma Women Blue Printed Round Neck T-shirt", 0.9), ("Nike Men Black Shoes", 0.5)]
+    plain = RerankConfig(num_beams=0, mirror=False, visual_weight=0.0, length_weight=0.0)
+    [ranked] = rerank(captioner, [image], ["Nike Men Black Shoes"], [neighbours], plain)
+    assert {c.text for c in ranked} == {name for name, _ in neighbours}  # the greedy caption is a neighbour's name
+    alone = captioner.log_likelihoods([image], [[c.text for c in ranked]])[0]
+    assert [c.score for c in ranked] == pytest.approx(sorted(alone, reverse=True), abs=1e-4)
+    # both views: the likelihood adds the mirror image's
+    [both] = rerank(captioner, [image], ["Nike Men Black Shoes"], [neighbours], replace(plain, mirror=True))
+    mirrored = captioner.log_likelihoods([ImageOps.mirror(image)], [[c.text for c in both]])[0]
+    direct = captioner.log_likelihoods([image], [[c.text for c in both]])[0]
+    assert [c.log_likelihood for c in both] == pytest.approx(list(direct + mirrored), abs=1e-4)
+    # overwhelming visual evidence picks the nearest image's name; a length bonus counts words
+    [visual] = rerank(captioner, [image], ["Nike Men Black Shoes"], [neighbours], replace(plain, visual_weight=1e4))
+    assert visual[0].text == neighbours[0][0] and visual[0].similarity == 0.9
+    [longer] = rerank(captioner, [image], ["Nike Men Black Shoes"], [neighbours], replace(plain, length_weight=1e4))
+    assert longer[0].text == neighbours[0][0]
+    # beam hypotheses join the pool; no candidates at all gives an empty list
+    [beamed] = rerank(captioner, [image], [""], [[]], replace(plain, num_beams=3))
+    assert 1 <= len(beamed) <= 3 and all(c.generated and c.text for c in beamed)
+    assert rerank(captioner, [image], [""], [[]], plain) == [[]]
+
+
+def test_candidate_pool_keeps_each_text_once_with_its_best_evidence():
+    neighbours = [("Blue Jeans", 0.8), ("Red Top", 0.6), ("Blue Jeans", 0.7)]
+    pool = candidate_pool([" Red Shirt", "Blue Jeans", ""], neighbours, margin=0.05)
+    assert pool == {"Blue Jeans": (0.8, False), "Red Top": (0.6, False), "Red Shirt": (pytest.approx(0.55), True)}
+    assert candidate_pool(["Red Shirt"], [], margin=0.02) == {"Red Shirt": (-0.02, True)}
 
 
 def test_save_load_round_trip_gives_identical_logits(tmp_path: Path):

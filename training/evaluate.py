@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from ris_core.metrics import caption_metrics, exact_match, last_words_match, sen
 from ris_core.modeling import CheckpointError
 from ris_core.paper_notebook import load_any_captioner
 from ris_core.refine import CaptionCache, refine
+from ris_core.rerank import RerankConfig, rerank
 from ris_core.retrieval import judge_rankings, paired_difference, summarize
 from ris_core.runs import Run, RunError, write_csv_atomic, write_json_atomic
 from ris_core.search import SearchResult, search_safely
@@ -54,9 +56,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--refine_queries", type=int, default=500,
                         help="held-out products whose results are also refined (+refine rows; 0 = none)")
-    parser.add_argument("--rerank_k", type=int, default=10,
-                        help="also rerank the greedy caption and the names of the k visually nearest training "
-                             "products by the model's likelihood (a 'reranked' column and metrics; 0 = off)")
+    defaults = RerankConfig()
+    parser.add_argument("--rerank_k", type=int, default=defaults.k,
+                        help="also rerank the model's captions and the names of the k visually nearest training "
+                             "products (a 'reranked' column and metrics; 0 = off)")
+    parser.add_argument("--rerank_beams", type=int, default=defaults.num_beams,
+                        help="beam-search hypotheses added to the reranking pool (0 = the greedy caption only)")
+    parser.add_argument("--rerank_visual_weight", type=float, default=defaults.visual_weight,
+                        help="weight of a candidate's visual similarity against the model's log-likelihood")
+    parser.add_argument("--rerank_length_weight", type=float, default=defaults.length_weight,
+                        help="score bonus per word (likelihood alone prefers short captions)")
+    parser.add_argument("--no_rerank_mirror", action="store_true",
+                        help="score candidates on the image only, not also on its mirror image")
     parser.add_argument("--force", action="store_true",
                         help="recompute captions, embeddings, reranking and the refinement captions")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -181,12 +192,15 @@ def main(argv: list[str] | None = None) -> Path:
         write_json_atomic(state_path, state)
     neighbours = [knn.search_vector(vec, k=args.k) for vec in val_emb]
 
-    # 3b. Reranked captions: the model's most likely among its greedy caption and the names of the rerank_k
-    # visually nearest training products (retrieval-augmented decoding, scored beside greedy, never instead)
-    rerank_key = _digest(val_key, knn_key, args.rerank_k)
+    # 3b. Reranked captions: the best of the model's captions and the names of the visually nearest training
+    # products (retrieval-augmented decoding, ris_core/rerank.py), scored beside greedy, never instead
+    rerank_config = RerankConfig(k=args.rerank_k, num_beams=args.rerank_beams,
+                                 visual_weight=args.rerank_visual_weight, length_weight=args.rerank_length_weight,
+                                 mirror=not args.no_rerank_mirror)
+    rerank_key = _digest(val_key, knn_key, sorted(asdict(rerank_config).items()))
     if args.rerank_k > 0 and hasattr(captioner, "log_likelihoods"):
         if args.force or state.get("rerank_key") != rerank_key or "reranked" not in captions:
-            captions["reranked"] = _reranked(captioner, catalog, captions, val_emb, knn, args)
+            captions["reranked"] = _reranked(captioner, catalog, captions, val_emb, knn, rerank_config, args.quiet)
             write_csv_atomic(captions_path, captions)
             state["rerank_key"] = rerank_key
             write_json_atomic(state_path, state)
@@ -214,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
                   "perplexity": math.exp(state["loss_sum"] / max(state["tokens"], 1))},
         "nn_caption_baseline": caption_metrics(nn_caption, captions["reference"].tolist()),
         **({"reranked": {**caption_metrics(captions["reranked"].tolist(), captions["reference"].tolist()),
-                         "k": args.rerank_k}} if "reranked" in captions else {}),
+                         **asdict(rerank_config)}} if "reranked" in captions else {}),
         "catalog_size": len(knn.ids),
     }
     write_json_atomic(eval_dir / "caption_metrics.json", metrics)
@@ -255,29 +269,33 @@ def main(argv: list[str] | None = None) -> Path:
            if "reranked" in captions else []),
     }
     write_json_atomic(eval_dir / "retrieval.json", summary)
-    logger.info("wrote %s (BLEU-4 %.1f, last-two match %.3f)", eval_dir, metrics["model"]["bleu_4"],
-                metrics["model"]["last_two_match"])
+    for name in ("model", "reranked"):
+        if name in metrics:
+            logger.info("%s: BLEU-4 %.1f, last-two match %.3f", "greedy" if name == "model" else name,
+                        metrics[name]["bleu_4"], metrics[name]["last_two_match"])
+    logger.info("wrote %s", eval_dir)
     return eval_dir
 
 
 def _reranked(captioner, catalog, captions: pd.DataFrame, val_emb: np.ndarray, knn: ImageKnnIndex,
-              args: argparse.Namespace, batch_size: int = 16) -> list[str]:
-    """Per held-out product, the candidate the model finds most likely (the greedy caption if its image fails)."""
+              config: RerankConfig, quiet: bool, batch_size: int = 16) -> list[str]:
+    """Per held-out product, the best-scored candidate (the greedy caption if its image fails to decode)."""
     out: list[str] = []
     for start in tqdm(range(0, len(captions), batch_size), desc="reranking captions", unit="batch",
-                      disable=args.quiet):
+                      disable=quiet):
         rows = list(range(start, min(start + batch_size, len(captions))))
-        images, candidates, readable = [], [], []
+        images, readable = [], []
         for row in rows:
-            greedy = captions["generated"].iloc[row]
             try:
                 images.append(open_image(catalog.image_path(int(captions["id"].iloc[row]))))
+                readable.append(row)
             except ImageError:
                 continue
-            names = [hit.title for hit in knn.search_vector(val_emb[row], k=args.rerank_k).results]
-            candidates.append(list(dict.fromkeys([greedy, *names])))
-            readable.append(row)
-        best = dict(zip(readable, captioner.rerank(images, candidates) if images else []))
+        greedy = [captions["generated"].iloc[row] for row in readable]
+        neighbours = [[(hit.title, hit.score) for hit in knn.search_vector(val_emb[row], k=config.k).results]
+                      for row in readable]
+        ranked = rerank(captioner, images, greedy, neighbours, config) if images else []
+        best = {row: pool[0].text for row, pool in zip(readable, ranked) if pool}
         out += [best.get(row, captions["generated"].iloc[row]) for row in rows]
     return out
 

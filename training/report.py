@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ris_core.rerank import describe as describe_rerank
 from ris_core.runs import RESULTS_DIR, Run
 
 PAPER = RESULTS_DIR / "paper-2024"
@@ -44,8 +45,9 @@ def caption_table(run: Run) -> str:
             ("mean sentence BLEU", "sentence_bleu_mean", 1), ("last-two-words match", "last_two_match", 3),
             ("last-word match", "last_word_match", 3), ("exact match", "exact_match", 3)]
     columns = [("captioner (greedy)", model)]
-    if "reranked" in metrics:  # the model's pick among its greedy caption and the k nearest training names
+    if "reranked" in metrics:  # the best of the model's captions and the k nearest training names
         columns.append((f"captioner, reranked (k={metrics['reranked']['k']})", metrics["reranked"]))
+    notes = [f"Reranked: {describe_rerank(metrics['reranked'])}."] if "reranked" in metrics else []
     columns.append(("nearest-neighbour caption", nn))
     lines = [f"{metrics['n_scored']:,} held-out products scored ({metrics['n_skipped']} unreadable skipped), "
              f"greedy decoding, {metrics['images_per_second']:.0f} images/s; val perplexity "
@@ -53,7 +55,7 @@ def caption_table(run: Run) -> str:
              "| metric | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += [f"| {label} | " + " | ".join(f"{values[key]:.{d}f}" for _, values in columns) + " |"
               for label, key, d in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def retrieval_table(run: Run, level: str = "R1") -> str:
