@@ -14,6 +14,7 @@ from ris_app.widgets import md, refine_controls, refined_grid, result_grid
 from ris_core.data import DataError
 from ris_core.images import ImageError, square
 from ris_core.modeling import CheckpointError
+from ris_core.rerank import RerankConfig, rerank
 from ris_core.runs import RunError
 from ris_core.search import search_safely
 from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
@@ -127,16 +128,46 @@ with right:
             started = time.perf_counter()
             batch = model.run_batch([image])
             done[key] = (batch.captions[0], batch.embeddings[0], (time.perf_counter() - started) * 1000)
-    caption, embedding, caption_ms = done[key]
+    greedy, embedding, caption_ms = done[key]
+    caption, reranked_note = greedy, None
+    can_rerank = hasattr(model, "log_likelihoods")  # an imported notebook's captioner cannot score candidates
+    rerank_on = can_rerank and st.session_state.get("demo_rerank", True)
+    if rerank_on:
+        exclude = picked if kind == "gallery" else None  # never copy a catalog product's own name
+        rerank_key = (*key, "rerank", exclude)
+        if rerank_key not in done:
+            try:
+                with st.spinner("Reranking the caption against the catalog..."):
+                    started = time.perf_counter()
+                    knn = loaders.knn_index(run, choice.data_dir, train_ids)
+                    hits = knn.search_vector(embedding, k=RerankConfig().k, exclude_id=exclude).results
+                    [ranked] = rerank(model, [image], [greedy], [[(h.title, h.score) for h in hits]])
+                    done[rerank_key] = (ranked[0] if ranked else None, (time.perf_counter() - started) * 1000)
+            except (CheckpointError, ValueError) as err:
+                st.warning(f"The caption cannot be reranked ({err}); searching with the model's caption.")
+                done[rerank_key] = (None, 0.0)
+        best, rerank_ms = done[rerank_key]
+        if best is not None:
+            caption = best.text
+            origin = ("the model's own caption" if best.text == greedy else "one of the model's beam hypotheses"
+                      if best.generated else "the name of a visually similar catalog product")
+            reranked_note = f"reranked in {rerank_ms:.0f} ms: {origin}"
     with st.container(horizontal=True, gap="small", vertical_alignment="center"):
         st.image(square(image, 160), width=160)  # padded square: a tall photo does not push the results down
         with st.container():
             st.caption("Your photo" if kind == "upload" else "Held-out product" if picked in held_out
                        else "Catalog product")
             st.markdown(f"**{md(label)}**")
-            st.markdown(f"Caption: **{md(caption) or '(empty)'}**")
+            st.markdown(f"Caption: **{md(greedy) or '(empty)'}**")
+            if reranked_note:
+                st.markdown(f"Reranked: **{md(caption) or '(empty)'}**")
             st.caption(f"captioned in {caption_ms:.0f} ms" + (" (earlier, same photo)" if cached else "")
-                       + f" · {image.width}×{image.height} px")
+                       + f" · {image.width}×{image.height} px" + (f" · {reranked_note}" if reranked_note else ""))
+            if can_rerank:
+                st.toggle("Rerank with the catalog", value=True, key="demo_rerank",
+                          help="Search with the best of the model's captions (greedy and beam) and the names of "
+                               "the 10 most similar catalog images, scored as in the evaluation "
+                               "(ris_core/rerank.py). Caption quality shows what it does on held-out products.")
 
 # ---------------------------------------------------------------- search
 

@@ -351,6 +351,22 @@ def test_search_demo_gallery_pick_shows_caption_queries_and_timings(runs_root):
     assert "Held-out product" in texts(at)
 
 
+def test_search_demo_searches_with_the_reranked_caption_unless_turned_off(runs_root):
+    from ris_core.strategies import STRATEGIES
+
+    with fixed_caption("zzz unknown words"):  # no catalog name: reranking must pick something searchable
+        at = app("pages/search_demo.py", run=runs_root / "evaluated")
+        assert_clean(at)
+        reranked = next(m.value for m in at.markdown if m.value.startswith("Reranked: **"))
+        text = reranked.removeprefix("Reranked: **").removesuffix("**")
+        assert "reranked in" in texts(at) and text != "zzz unknown words"
+        assert at.code[0].value == STRATEGIES["last_two_words"](text.replace("\\", ""))
+        at.toggle(key="demo_rerank").set_value(False).run()
+        assert_clean(at)
+        assert not any(m.value.startswith("Reranked:") for m in at.markdown)
+        assert at.code[0].value == "unknown words"
+
+
 @pytest.mark.parametrize("name, data, ok", [
     ("photo.png", png_bytes("RGBA", color=(10, 200, 10, 120)), True),
     ("cmyk.jpg", None, True),

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run = Run(args.run)
     captioner = Captioner.load(run.path)
     captions = pd.read_csv(run.eval_dir / "captions.csv", keep_default_na=False)
-    val_emb = np.load(run.eval_dir / "val_embeddings.npy")
+    val_emb = np.load(run.eval_dir / "val_embeddings.npy", allow_pickle=False)
     knn = ImageKnnIndex.load(run.eval_dir / "catalog_knn")
     catalog = load_catalog(resolve_data_dir(run, args.data_dir))
     rows = np.sort(np.random.default_rng(0).permutation(len(captions))[: args.n])
