@@ -130,7 +130,7 @@ with right:
             done[key] = (batch.captions[0], batch.embeddings[0], (time.perf_counter() - started) * 1000)
     greedy, embedding, caption_ms = done[key]
     caption, reranked_note = greedy, None
-    can_rerank = hasattr(model, "log_likelihoods")  # an imported notebook's captioner cannot score candidates
+    can_rerank = getattr(model, "can_rerank", False)  # an imported notebook's captioner cannot score candidates
     rerank_on = can_rerank and st.session_state.get("demo_rerank", True)
     if rerank_on:
         exclude = picked if kind == "gallery" else None  # never copy a catalog product's own name

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ class Captioner:
     spec: ModelSpec
     name: str = "captioner"
     stats: dict = field(default_factory=dict)
+    can_rerank: ClassVar[bool] = True  # n_best and log_likelihoods work with this model (ris_core/rerank.py)
 
     @classmethod
     def load(cls, path: str | Path) -> Captioner:

@@ -28,6 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -631,6 +632,7 @@ class NotebookCaptionerAdapter(Captioner):
 
     mode: str = DEFAULT_MODE  # one of DECODING_MODES
     seed: int = 0  # used by the "notebook" (sampling) mode only
+    can_rerank: ClassVar[bool] = False  # its model scores no candidate captions and has no beam search
 
     @classmethod
     def from_model(cls, model: NotebookCaptioner, name: str = "paper-notebook", mode: str = DEFAULT_MODE,

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> Path:
                                  visual_weight=args.rerank_visual_weight, length_weight=args.rerank_length_weight,
                                  mirror=not args.no_rerank_mirror)
     rerank_key = _digest(val_key, knn_key, sorted(asdict(rerank_config).items()))
-    if args.rerank_k > 0 and hasattr(captioner, "log_likelihoods"):
+    if args.rerank_k > 0 and captioner.can_rerank:
         if args.force or state.get("rerank_key") != rerank_key or "reranked" not in captions:
             captions["reranked"] = _reranked(captioner, catalog, captions, val_emb, knn, rerank_config, args.quiet)
             write_csv_atomic(captions_path, captions)
