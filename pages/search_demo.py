@@ -14,7 +14,6 @@ from ris_app.widgets import md, refine_controls, refined_grid, result_grid
 from ris_core.data import DataError
 from ris_core.images import ImageError, square
 from ris_core.modeling import CheckpointError
-from ris_core.rerank import RerankConfig, rerank
 from ris_core.runs import RunError
 from ris_core.search import search_safely
 from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
@@ -120,33 +119,24 @@ with right:
     except CheckpointError as err:
         st.error(f"The captioner of {run.name} cannot be loaded: {err}")
         st.stop()
-    key = (str(run.path), loaders.model_stamp(run), hashlib.sha256(image_bytes).hexdigest())
-    done = st.session_state.setdefault("demo_captions", {})
+    digest = hashlib.sha256(image_bytes).hexdigest()
+    key = (str(run.path), loaders.model_stamp(run), digest)
+    done = st.session_state.setdefault("demo_captions", {})  # this session's photos: "(earlier, same photo)"
     cached = key in done
     if not cached:
         with st.spinner("Captioning..."):
-            started = time.perf_counter()
-            batch = model.run_batch([image])
-            done[key] = (batch.captions[0], batch.embeddings[0], (time.perf_counter() - started) * 1000)
+            done[key] = loaders.photo_caption(run, digest, image)  # computed once for all sessions
     greedy, embedding, caption_ms = done[key]
     caption, reranked_note = greedy, None
     can_rerank = getattr(model, "can_rerank", False)  # an imported notebook's captioner cannot score candidates
-    rerank_on = can_rerank and st.session_state.get("demo_rerank", True)
-    if rerank_on:
-        exclude = picked if kind == "gallery" else None  # never copy a catalog product's own name
-        rerank_key = (*key, "rerank", exclude)
-        if rerank_key not in done:
-            try:
-                with st.spinner("Reranking the caption against the catalog..."):
-                    started = time.perf_counter()
-                    knn = loaders.knn_index(run, choice.data_dir, train_ids)
-                    hits = knn.search_vector(embedding, k=RerankConfig().k, exclude_id=exclude).results
-                    [ranked] = rerank(model, [image], [greedy], [[(h.title, h.score) for h in hits]])
-                    done[rerank_key] = (ranked[0] if ranked else None, (time.perf_counter() - started) * 1000)
-            except (CheckpointError, ValueError) as err:
-                st.warning(f"The caption cannot be reranked ({err}); searching with the model's caption.")
-                done[rerank_key] = (None, 0.0)
-        best, rerank_ms = done[rerank_key]
+    if can_rerank and st.session_state.get("demo_rerank", True):
+        try:
+            with st.spinner("Reranking the caption against the catalog..."):
+                best, rerank_ms = loaders.photo_rerank(run, digest, image, greedy, embedding, choice.data_dir,
+                                                       train_ids, exclude=picked if kind == "gallery" else None)
+        except (CheckpointError, ValueError) as err:
+            st.warning(f"The caption cannot be reranked ({err}); searching with the model's caption.")
+            best = None
         if best is not None:
             caption = best.text
             origin = ("the model's own caption" if best.text == greedy else "one of the model's beam hypotheses"

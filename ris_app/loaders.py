@@ -198,6 +198,13 @@ def captioner(run: Run):
     return _captioner(str(run.path), model_stamp(run))
 
 
+@st.cache_resource
+def inference_lock() -> threading.Lock:
+    """One live model call at a time across sessions: on 2 cores concurrent calls add no speed (torch already
+    uses both), only memory (each holds its own activations and allocator arenas)."""
+    return threading.Lock()
+
+
 @st.cache_data(show_spinner=False, max_entries=2048)
 def _caption_file(run_path: str, version: tuple[int, ...], image_path: str) -> str:
     image = open_image(image_path)
@@ -357,6 +364,43 @@ def knn_index(run: Run, data_dir: Path, ids: list[int]):
     data_dir = Path(data_dir)
     return _knn_index(str(run.path), model_stamp(run), str(data_dir.resolve()),
                       stamp(data_dir / "styles.csv", data_dir / "images"), tuple(int(i) for i in ids))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _photo_caption(run_path: str, version: tuple[int, ...], digest: str, _image) -> tuple[str, np.ndarray, float]:
+    started = time.perf_counter()
+    with inference_lock():
+        batch = _captioner(run_path, version).run_batch([_image])
+    return batch.captions[0], np.asarray(batch.embeddings[0], dtype=np.float32), (time.perf_counter() - started) * 1000
+
+
+def photo_caption(run: Run, digest: str, image) -> tuple[str, np.ndarray, float]:
+    """(caption, embedding, milliseconds) of a photo, computed once for all sessions (keyed by its bytes' sha256)."""
+    return _photo_caption(str(run.path), model_stamp(run), digest, image)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _photo_rerank(run_path: str, version: tuple[int, ...], digest: str, greedy: str, exclude: int | None,
+                  data_dir: str, data_version: tuple[int, ...], ids: tuple[int, ...], _image,
+                  _embedding: np.ndarray) -> tuple[object, float]:
+    from ris_core.rerank import RerankConfig, rerank
+
+    started = time.perf_counter()
+    knn = _knn_index(run_path, version, data_dir, data_version, ids)
+    hits = knn.search_vector(_embedding, k=RerankConfig().k, exclude_id=exclude).results
+    with inference_lock():
+        [ranked] = rerank(_captioner(run_path, version), [_image], [greedy], [[(h.title, h.score) for h in hits]])
+    return (ranked[0] if ranked else None), (time.perf_counter() - started) * 1000
+
+
+def photo_rerank(run: Run, digest: str, image, greedy: str, embedding: np.ndarray, data_dir: Path, ids: list[int],
+                 exclude: int | None = None):
+    """(best Candidate or None, milliseconds): the reranked caption of a photo against the catalog products
+    `ids` (`exclude`: a catalog product that must not lend its own name), once for all sessions."""
+    data_dir = Path(data_dir)
+    return _photo_rerank(str(run.path), model_stamp(run), digest, greedy, exclude, str(data_dir.resolve()),
+                         stamp(data_dir / "styles.csv", data_dir / "images"), tuple(int(i) for i in ids), image,
+                         embedding)
 
 
 @st.cache_resource(show_spinner=False)

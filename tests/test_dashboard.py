@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -53,8 +54,10 @@ def runs_root(tmp_path_factory, tiny_run, tiny_catalog) -> Path:
     return root
 
 
+@contextmanager
 def fixed_caption(text: str):
     """Patch the captioner so uploads get `text` as caption (the embeddings stay real)."""
+    from ris_app import loaders
     from ris_core.captioner import Captioner
 
     real = Captioner.run_batch
@@ -64,7 +67,15 @@ def fixed_caption(text: str):
         out.captions = [text] * len(images)
         return out
 
-    return mock.patch.object(Captioner, "run_batch", run_batch)
+    clear = [loaders._photo_caption.clear, loaders._photo_rerank.clear]  # photo captions are shared by sessions
+    for fn in clear:
+        fn()
+    try:
+        with mock.patch.object(Captioner, "run_batch", run_batch):
+            yield
+    finally:
+        for fn in clear:
+            fn()
 
 
 @pytest.fixture(autouse=True)
@@ -365,6 +376,23 @@ def test_search_demo_searches_with_the_reranked_caption_unless_turned_off(runs_r
         assert_clean(at)
         assert not any(m.value.startswith("Reranked:") for m in at.markdown)
         assert at.code[0].value == "unknown words"
+
+
+def test_search_demo_sessions_share_a_photos_caption_and_reranking(runs_root):
+    from ris_core.captioner import Captioner
+
+    first = app("pages/search_demo.py", run=runs_root / "evaluated")
+    assert_clean(first)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model ran again for a photo another session already captioned")
+
+    with mock.patch.object(Captioner, "run_batch", fail), mock.patch.object(Captioner, "n_best", fail), \
+            mock.patch.object(Captioner, "log_likelihoods", fail):
+        second = app("pages/search_demo.py", run=runs_root / "evaluated")
+    assert_clean(second)
+    assert [m.value for m in second.markdown if m.value.startswith(("Caption:", "Reranked:"))] == \
+        [m.value for m in first.markdown if m.value.startswith(("Caption:", "Reranked:"))]
 
 
 @pytest.mark.parametrize("name, data, ok", [
