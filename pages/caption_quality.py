@@ -86,9 +86,16 @@ def number(value) -> float | None:
     return None if math.isnan(value) else value
 
 
+reranked = metrics.get("reranked") or {}
+decodings = {"greedy": model, **({"reranked": reranked} if number(reranked.get("bleu_4")) is not None else {})}
+shown = "greedy"
+if len(decodings) > 1:
+    shown = st.segmented_control("Captions", list(decodings), default="greedy", key="quality_decoding",
+                                 help="greedy: the model's own caption. reranked: the best of its captions and the "
+                                      "names of the nearest training images (see below).") or "greedy"
 cells = st.columns(4)
 for i, (key, label, scale) in enumerate(METRICS):
-    ours, theirs = number(model.get(key)), number(baseline.get(key))
+    ours, theirs = number(decodings[shown].get(key)), number(baseline.get(key))
     unit = "%" if scale == 100 else ""
     cells[i % 4].metric(
         label, "–" if ours is None else f"{ours * scale:.1f}{unit}",
@@ -97,8 +104,7 @@ for i, (key, label, scale) in enumerate(METRICS):
     )
 if number(model.get("perplexity")) is not None:
     st.caption(f"Held-out loss {model['loss']:.3f}, perplexity {model['perplexity']:.2f} per GPT-2 token.")
-reranked = metrics.get("reranked") or {}
-if number(reranked.get("bleu_4")) is not None and number(model.get("bleu_4")) is not None:
+if "reranked" in decodings and number(model.get("bleu_4")) is not None:
     st.caption(
         f"**Reranked** ({describe_rerank(reranked)}): BLEU-4 {reranked['bleu_4']:.1f} "
         f"({reranked['bleu_4'] - model['bleu_4']:+.1f} vs greedy), last two words match "

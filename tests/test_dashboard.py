@@ -267,6 +267,12 @@ def test_caption_quality_metrics_histogram_and_filters(runs_root):
     table = at.dataframe[-1].value
     assert table["image"].str.startswith("data:image/jpeg;base64,").all()
     assert {"generated", "reranked", "nn_caption"} <= set(table.columns)
+    metrics = json.loads((runs_root / "evaluated" / "eval" / "caption_metrics.json").read_text())
+    assert f"{metrics['model']['bleu_1']:.1f}" != f"{metrics['reranked']['bleu_1']:.1f}"  # the cards can tell
+    assert {m.label: m.value for m in at.metric}["BLEU-1"] == f"{metrics['model']['bleu_1']:.1f}"
+    at.button_group(key="quality_decoding").set_value("reranked").run()
+    assert_clean(at)
+    assert {m.label: m.value for m in at.metric}["BLEU-1"] == f"{metrics['reranked']['bleu_1']:.1f}"
 
     article = sorted(table["articleType"].unique())[0]
     at.multiselect(key="quality_article").set_value([article]).run()
