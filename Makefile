@@ -6,7 +6,7 @@ PORT ?= 8501
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install run test lint bench reference evaluate-reference demo-catalog clean-cache
+.PHONY: install run test test-fast lint bench reference evaluate-reference demo-catalog clean-cache
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install  # everything that needs no trained model
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -6,7 +6,7 @@ script, the cached loaders and the element tree. `cold` renders run first, in pa
 already warm when other benchmarks ran before; the search demo reuses <run>/eval/catalog_knn.npz when the run has
 been evaluated, else embeds every catalog image, minutes on data/demo); `warm` renders are
 new sessions once every cache is full; `switch` is moving between pages inside one warm session.
-tests/load_dashboard.py measures a real `streamlit run` server with 20 concurrent sessions.
+bench/load_dashboard.py measures a real `streamlit run` server with 20 concurrent sessions.
 """
 
 from __future__ import annotations

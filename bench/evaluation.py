@@ -1,4 +1,4 @@
-"""End-to-end retrieval evaluation of the reference run: `training.evaluate.main` on a copy, wall time.
+"""End-to-end evaluation of the reference run: `ris_core.evaluation.evaluate_run` on a copy, wall time.
 
 The copy (in a temp folder, without checkpoints/ and eval/) keeps the real run untouched; --force recomputes
 captions and embeddings. Full: every held-out product of data/demo. --quick: a 64-product cut of data/demo.
@@ -30,7 +30,8 @@ def bench_evaluation(quick: bool = False) -> dict:
         if quick:  # 16 held-out and 48 training products of the demo catalog: seconds, not minutes
             data_dir = run_sample(run, Path(tmp) / "data", 16, 48)
             args += ["--max_products", "16", "--n_boot", "50"]
-        logging.getLogger("training.evaluate").setLevel(logging.ERROR)  # its "N of M missing" warning is expected
+        # its "N of M held-out products missing" warning is expected here
+        logging.getLogger("ris_core.evaluation.pipeline").setLevel(logging.ERROR)
         start = time.perf_counter()
         eval_dir = evaluate_main([*args, "--data_dir", str(data_dir)])
         seconds = time.perf_counter() - start

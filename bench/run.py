@@ -3,7 +3,7 @@
     python -m bench.run                          # everything, full sizes (make bench); ~3 min on 2 idle cores
     python -m bench.run --quick --out /tmp/b.json  # tiny sizes: a smoke run in about 20 s
     python -m bench.run --only search captioning   # some of them
-    python -m bench.run --load                     # also tests/load_dashboard.py: 20 sessions for 60 s (+1.5 min)
+    python -m bench.run --load                     # also bench/load_dashboard.py: 20 sessions for 60 s (+1.5 min)
 
 Run it on an idle machine: `machine.load_average_1min_at_start` above the core count means the figures are low.
 A benchmark that fails records {"error": ...} and the others still run.
@@ -28,17 +28,18 @@ from bench.evaluation import bench_evaluation
 from bench.machine import bench_machine
 from bench.search import bench_search
 from bench.training import bench_training
-from ris_core.runs import RESULTS_DIR, write_json_atomic
+from ris_core.files import write_json_atomic
+from ris_core.runs import RESULTS_DIR
 
 DEFAULT_OUT = RESULTS_DIR / "bench.json"
 BENCHMARKS = ["machine", "captioning", "training", "search", "evaluation", "dashboard", "browser"]
 
 
 def bench_load(quick: bool = False) -> dict:
-    """tests/load_dashboard.py in a subprocess: 20 sessions x 60 s (quick: 3 sessions x 10 s on a small cut)."""
+    """bench/load_dashboard.py in a subprocess: 20 sessions x 60 s (quick: 3 sessions x 10 s on a small cut)."""
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         out = Path(tmp) / "load.json"
-        cmd = [sys.executable, str(REPO / "tests" / "load_dashboard.py"), "--json", str(out)]
+        cmd = [sys.executable, "-m", "bench.load_dashboard", "--json", str(out)]
         if quick:
             cmd += ["--sessions", "3", "--seconds", "10", "--timeout", "120"]
             run, _ = reference_run()

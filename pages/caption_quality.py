@@ -2,16 +2,18 @@
 the sentence-BLEU histogram, a filterable table of held-out samples, and the best and worst captions."""
 
 import math
+from pathlib import Path
 
 import streamlit as st
 
 from ris_app import loaders
 from ris_app.charts import bleu_histogram
+from ris_app.guards import require_run
 from ris_app.sidebar import sidebar
 from ris_app.widgets import image_card, short
-from ris_core.data import DataError
+from ris_core.errors import DataError, RisError
 from ris_core.rerank import describe as describe_rerank
-from ris_core.runs import RunError
+from ris_core.runs import Run
 
 PAGE_SIZE = 25
 METRICS = [  # (key in caption_metrics.json, label, scale to show)
@@ -21,9 +23,11 @@ METRICS = [  # (key in caption_metrics.json, label, scale to show)
 ]
 
 
-def evaluate_now(run, data_dir) -> None:
-    """Compute <run>/eval with training.evaluate (after checking the checkpoint loads: no half-written eval/)."""
-    from ris_core.modeling import CheckpointError  # torch: imported only when a model is needed
+def evaluate_now(run: Run, data_dir: Path) -> None:
+    """Compute <run>/eval with the library's pipeline, a progress bar following its stages.
+
+    The checkpoint is loaded first, so a corrupt one leaves no half-written eval/."""
+    from ris_core.evaluation.pipeline import EvalConfig, evaluate_run  # torch: only when evaluating
 
     try:
         loaders.captioner(run)
@@ -31,12 +35,13 @@ def evaluate_now(run, data_dir) -> None:
         if not held_out:
             raise DataError(f"none of the run's held-out products are in {data_dir}: set the data folder "
                             "(sidebar → Folders) to the folder the run was trained on")
-        from training.evaluate import main as evaluate
+        bar = st.progress(0.0, text=f"Evaluating {len(held_out):,} held-out products...")
 
-        with st.spinner(f"Captioning {len(held_out):,} held-out products and searching with every strategy...",
-                        show_time=True):
-            evaluate(["--run", str(run.path), "--data_dir", str(data_dir), "--quiet"])
-    except (CheckpointError, DataError, RunError) as err:
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.progress(min(done / max(total, 1), 1.0), text=f"{stage}: {done:,} of {total:,}")
+
+        evaluate_run(run, data_dir, EvalConfig(progress_bars=False), progress=progress)
+    except RisError as err:
         st.error(f"Evaluation failed: {err}")
         return
     st.rerun()
@@ -44,18 +49,7 @@ def evaluate_now(run, data_dir) -> None:
 
 choice = sidebar()
 st.title("Caption quality")
-run = choice.run
-if run is None:
-    st.info("No run to show: train one (`make reference`) or add a runs folder in the sidebar.")
-    st.stop()
-try:
-    if run.reported_only and not run.has_checkpoint:
-        st.info(f"**{run.name}** holds numbers reported elsewhere (no checkpoint, no captions). Its reported "
-                "losses are on the Training curves page.")
-        st.stop()
-except RunError as err:
-    st.error(str(err))
-    st.stop()
+run = require_run(choice)
 
 evaluation = loaders.evaluation(run)
 for problem in evaluation.problems:

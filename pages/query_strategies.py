@@ -9,12 +9,11 @@ import streamlit as st
 
 from ris_app import loaders
 from ris_app.charts import METRIC_LABELS, strategy_figure
+from ris_app.guards import require_run
 from ris_app.sidebar import sidebar
 from ris_app.widgets import md, refine_controls, refined_grid, result_grid, show_image
-from ris_core.data import DataError
-from ris_core.images import ImageError
+from ris_core.errors import CheckpointError, DataError, ImageError, RunError
 from ris_core.metrics import RELEVANCE_DESCRIPTIONS, RELEVANCE_LEVELS
-from ris_core.runs import RunError
 from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
 
 DEFAULT_STRATEGIES = ["last_two_words", "full_caption"]
@@ -25,18 +24,7 @@ choice = sidebar()
 st.title("Query strategies")
 st.caption("A caption becomes a text query (the paper sends its last two words); the catalog of the run's "
            "training products answers. A result is relevant when it shares the query product's attributes.")
-run = choice.run
-if run is None:
-    st.info("No run to show: train one (`make reference`) or add a runs folder in the sidebar.")
-    st.stop()
-try:
-    reported = run.reported_only
-except RunError as err:
-    st.error(str(err))
-    st.stop()
-if reported and not run.has_checkpoint:  # an imported paper notebook has real weights: it stays usable
-    st.info(f"**{run.name}** holds reported numbers only (no checkpoint, no held-out captions). Pick a trained run.")
-    st.stop()
+run = require_run(choice)
 
 evaluation = loaders.evaluation(run)
 for problem in evaluation.problems:
@@ -93,7 +81,6 @@ def one_product() -> None:
     if product_id in generated:
         caption = generated[product_id]
     else:
-        from ris_core.modeling import CheckpointError  # torch: imported only when a model is needed
 
         try:
             with card, st.spinner("Captioning this product..."):
@@ -138,8 +125,6 @@ def one_product() -> None:
 
 def query_features(image_path, caption: str):
     """The held-out image's live (caption, embedding) for refinement, or None with a message in the card."""
-    from ris_core.modeling import CheckpointError
-
     try:
         with card, st.spinner("Captioning this product for refinement..."):
             live_caption, embedding = loaders.query_features(run, image_path)

@@ -9,29 +9,27 @@ Heavy imports (torch, transformers) happen inside the loaders, so pages that nee
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
-import json
 import threading
 import time
-import zipfile
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ris_core.data import Catalog, DataError, load_catalog
-from ris_core.images import ImageError, open_image, square
-from ris_core.runs import Run, RunError
-from ris_core.search import one_line
+from ris_core.data import Catalog, load_catalog
+from ris_core.errors import ImageError, RunError
+from ris_core.evaluation import files as eval_files
+from ris_core.evaluation.files import Evaluation, read_evaluation, read_summaries
+from ris_core.files import digest
+from ris_core.images import open_image, square
+from ris_core.runs import Run
+from ris_core.search.web import WebImages
 
 THUMB_SIDE = 160  # px: grids and cards show images at ~120-160 px
-WEB_IMAGE_TTL = 600  # seconds a fetched web thumbnail (or its failure) is reused by refinement
 KNN_CACHE_DIR = Path(".cache") / "knn"  # image-kNN indexes of catalogs, under the working directory
+Key = tuple[str, tuple[int, ...]]  # (resolved path, modification stamp): what every cached loader is keyed by
 
 
 def stamp(*paths: Path) -> tuple[int, ...]:
@@ -50,6 +48,21 @@ def model_stamp(run: Run) -> tuple[int, ...]:
     notebook = run.path / "notebook"
     return stamp(run.model_dir / "config.json", *sorted(run.model_dir.glob("*.safetensors")),
                  notebook / "config.json", *sorted(notebook.glob("*.safetensors")))
+
+
+def run_key(run: Run) -> Key:
+    """The key of everything computed with a run's model: changes when its weights do."""
+    return str(run.path), model_stamp(run)
+
+
+def data_key(data_dir: Path) -> Key:
+    """The key of everything read from a data folder: changes when styles.csv or images/ does."""
+    data_dir = Path(data_dir)
+    return str(data_dir.resolve()), stamp(data_dir / "styles.csv", data_dir / "images")
+
+
+def eval_key(run: Run, names: tuple[str, ...] = eval_files.OUTPUTS) -> Key:
+    return str(run.eval_dir), stamp(*(run.eval_dir / n for n in names))
 
 
 # ---------------------------------------------------------------- tables
@@ -75,94 +88,27 @@ def _catalog(data_dir: str, version: tuple[int, ...]) -> Catalog:
 
 def catalog(data_dir: Path) -> Catalog:
     """The data folder's products (DataError with what to do when the folder is unusable)."""
-    data_dir = Path(data_dir)
-    return _catalog(str(data_dir.resolve()), stamp(data_dir / "styles.csv", data_dir / "images"))
-
-
-@dataclass
-class Evaluation:
-    """What `python -m training.evaluate` wrote into <run>/eval/; any part may be missing (None)."""
-
-    captions: pd.DataFrame | None
-    caption_metrics: dict | None
-    retrieval: pd.DataFrame | None
-    retrieval_summary: dict | None
-    problems: list[str]
-
-    @property
-    def exists(self) -> bool:
-        return self.captions is not None and self.caption_metrics is not None
+    return _catalog(*data_key(data_dir))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _evaluation(eval_dir: str, version: tuple[int, ...]) -> Evaluation:
-    root = Path(eval_dir)
-    problems: list[str] = []
-
-    def read_csv(name: str, required: set[str]) -> pd.DataFrame | None:
-        path = root / name
-        if not path.is_file():
-            return None
-        try:
-            frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        except (OSError, ValueError, pd.errors.ParserError) as err:
-            problems.append(f"{name} is unreadable ({type(err).__name__}); re-run the evaluation")
-            return None
-        lacking = required - set(frame.columns)
-        if lacking:
-            problems.append(f"{name} lacks the columns {sorted(lacking)}; re-run the evaluation")
-            return None
-        return frame
-
-    captions = read_csv("captions.csv", {"id", "reference", "generated"})
-    if captions is not None:
-        for column in ("reference", "generated", "nn_caption"):
-            if column in captions:
-                captions[column] = captions[column].fillna("").astype(str)
-    retrieval = read_csv("retrieval.csv", {"id", "strategy", "source"})
-    return Evaluation(
-        captions=captions,
-        caption_metrics=_read_json_object(root / "caption_metrics.json", problems),
-        retrieval=retrieval,
-        retrieval_summary=_read_json_object(root / "retrieval.json", problems),
-        problems=problems,
-    )
-
-
-def _read_json_object(path: Path, problems: list[str]) -> dict | None:
-    """The JSON object in `path`; None if absent, or unreadable with the reason added to `problems`."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        problems.append(f"{path.name} is unreadable ({type(err).__name__}); re-run the evaluation")
-        return None
-    if not isinstance(data, dict):
-        problems.append(f"{path.name} does not hold a JSON object; re-run the evaluation")
-        return None
-    return data
+    return read_evaluation(Path(eval_dir))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _summaries(eval_dir: str, version: tuple[int, ...]) -> tuple[dict | None, dict | None, list[str]]:
-    problems: list[str] = []
-    root = Path(eval_dir)
-    metrics = _read_json_object(root / "caption_metrics.json", problems)
-    return metrics, _read_json_object(root / "retrieval.json", problems), problems
-
-
-EVAL_FILES = ("captions.csv", "caption_metrics.json", "retrieval.csv", "retrieval.json")
+    return read_summaries(Path(eval_dir))
 
 
 def evaluation(run: Run) -> Evaluation:
-    return _evaluation(str(run.eval_dir), stamp(*(run.eval_dir / f for f in EVAL_FILES)))
+    """Everything the run's evaluation wrote (parts may be None, with `problems` saying why)."""
+    return _evaluation(*eval_key(run))
 
 
 def summaries(run: Run) -> tuple[dict | None, dict | None, list[str]]:
     """(caption_metrics.json, retrieval.json, problems) of a run's evaluation, without its large tables."""
-    names = ("caption_metrics.json", "retrieval.json")
-    return _summaries(str(run.eval_dir), stamp(*(run.eval_dir / n for n in names)))
+    return _summaries(*eval_key(run, eval_files.SUMMARIES))
 
 
 def held_out_ids(run: Run, products: pd.DataFrame) -> list[int]:
@@ -188,14 +134,14 @@ def training_ids(run: Run, products: pd.DataFrame) -> list[int]:
 
 @st.cache_resource(show_spinner="Loading the captioner (once per run)...", max_entries=3)
 def _captioner(run_path: str, version: tuple[int, ...]):
-    from ris_core.paper_notebook import load_any_captioner  # our model/ folder, or an imported notebook/
+    from ris_core.captioner import load_any_captioner  # torch: only pages that caption pay for it
 
     return load_any_captioner(run_path)
 
 
 def captioner(run: Run):
-    """The run's captioner, loaded once (CheckpointError when the checkpoint is missing or corrupt)."""
-    return _captioner(str(run.path), model_stamp(run))
+    """The run's `ImageCaptioner`, loaded once (CheckpointError when the checkpoint is missing or corrupt)."""
+    return _captioner(*run_key(run))
 
 
 @st.cache_resource
@@ -213,7 +159,7 @@ def _caption_file(run_path: str, version: tuple[int, ...], image_path: str) -> s
 
 def caption_product(run: Run, image_path: Path) -> str:
     """A live caption of one catalog image (for products the evaluation did not caption)."""
-    return _caption_file(str(run.path), model_stamp(run), str(image_path))
+    return _caption_file(*run_key(run), str(image_path))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -225,7 +171,7 @@ def _query_features(run_path: str, version: tuple[int, ...], image_path: str,
 
 def query_features(run: Run, image_path: Path) -> tuple[str, np.ndarray]:
     """(caption, embedding) of one image file from `run_batch`: the query side of result refinement."""
-    return _query_features(str(run.path), model_stamp(run), str(image_path), stamp(image_path))
+    return _query_features(*run_key(run), str(image_path), stamp(image_path))
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
@@ -238,54 +184,7 @@ def _caption_cache(run_path: str, version: tuple[int, ...]):
 
 def caption_cache(run: Run):
     """Captions and embeddings of result images for refinement, one cache per run and model version."""
-    return _caption_cache(str(run.path), model_stamp(run))
-
-
-@dataclass
-class WebImages:
-    """Web thumbnails for refinement, fetched by refine's own fetcher (5 s timeout, 2 MB cap), several at a
-    time. Each answer, bytes or the error, is kept for `ttl` seconds: reruns neither fetch again nor wait
-    again on a host that just timed out. Thread-safe: one instance serves every session."""
-
-    ttl: float = WEB_IMAGE_TTL
-    max_items: int = 500  # ~50 kB per thumbnail: at most ~25 MB
-    workers: int = 8
-    _items: OrderedDict = field(default_factory=OrderedDict, repr=False)  # url -> (when, bytes | None, error)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def _fresh(self, url: str) -> tuple | None:
-        with self._lock:
-            item = self._items.get(url)
-        return item if item is not None and time.monotonic() - item[0] < self.ttl else None
-
-    def _fetch(self, url: str) -> tuple:
-        from ris_core import refine  # looked up at call time, so tests can patch refine.fetch_url
-
-        try:
-            data, error = refine.fetch_url(url), ""
-        except Exception as err:  # noqa: BLE001 - any failure costs this one result (refine counts it)
-            data, error = None, one_line(f"{type(err).__name__}: {err}")
-        item = (time.monotonic(), data, error)
-        with self._lock:
-            self._items[url] = item
-            self._items.move_to_end(url)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-        return item
-
-    def prefetch(self, urls: list[str]) -> None:
-        missing = [u for u in dict.fromkeys(urls) if self._fresh(u) is None]
-        if missing:
-            with ThreadPoolExecutor(min(self.workers, len(missing))) as pool:
-                list(pool.map(self._fetch, missing))
-
-    def __call__(self, url: str) -> bytes:
-        from ris_core.refine import FetchError
-
-        _, data, error = self._fresh(url) or self._fetch(url)
-        if data is None:
-            raise FetchError(error)
-        return data
+    return _caption_cache(*run_key(run))
 
 
 @st.cache_resource(show_spinner=False)
@@ -317,53 +216,26 @@ def _catalog_index(data_dir: str, data_version: tuple[int, ...], ids: tuple[int,
 
 def catalog_index(data_dir: Path, ids: list[int]):
     """An in-memory FTS5 index over the given products of the data folder, built once."""
-    data_dir = Path(data_dir)
-    return _catalog_index(str(data_dir.resolve()), stamp(data_dir / "styles.csv", data_dir / "images"),
-                          tuple(int(i) for i in ids))
+    return _catalog_index(*data_key(data_dir), tuple(int(i) for i in ids))
 
 
 @st.cache_resource(show_spinner="Embedding the catalog images for the visual baseline (one time)...", max_entries=3)
 def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
                ids: tuple[int, ...]):
-    from ris_core.captioner import embed_paths
-    from ris_core.search.image_knn import ImageKnnIndex
+    from ris_core.search.image_knn import index_for_catalog
 
     cat = _catalog(data_dir, data_version)
-    names = cat.products["productDisplayName"]
-    wanted = list(ids)
-    saved = Path(run_path) / "eval" / "catalog_knn.npz"
-    if saved.is_file():  # the evaluation already embedded the training catalog with this model
-        try:
-            stored = ImageKnnIndex.load(saved)
-            rows = [i for i, pid in enumerate(stored.ids) if int(pid) in cat.products.index]
-            if len(rows) >= 0.9 * len(wanted):
-                kept = stored.ids[rows]
-                return ImageKnnIndex(kept, stored.vectors[rows], [str(cat.image_path(i)) for i in kept],
-                                     names.loc[kept].tolist())
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # unreadable, torn or foreign: embed afresh below
-    # Embedding a catalog takes a minute on 2 cores: keep the result on disk for the next server start.
-    key = json.dumps([run_path, model_version, data_dir, data_version, wanted]).encode()
-    cached = Path.cwd() / KNN_CACHE_DIR / f"{hashlib.sha256(key).hexdigest()[:24]}.npz"
-    try:
-        return ImageKnnIndex.load(cached)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass  # absent, torn or unreadable: embed afresh
     model = _captioner(run_path, model_version)
-    kept, matrix, _ = embed_paths(model, [(i, cat.image_path(i)) for i in wanted], progress=False)
-    index = ImageKnnIndex(np.asarray(kept), matrix, [str(cat.image_path(i)) for i in kept], names.loc[kept].tolist())
-    try:
-        index.save(cached)
-    except OSError:
-        pass  # a read-only checkout still works, it just embeds again next time
-    return index
+    cached = Path.cwd() / KNN_CACHE_DIR / f"{digest(run_path, model_version, data_dir, data_version, ids)}.npz"
+    return index_for_catalog(list(ids), cat.products, cat.image_path,
+                             lambda items: model.embed_paths(items, progress=False),
+                             evaluation_index=Path(run_path) / "eval" / f"{eval_files.CATALOG_KNN}.npz",
+                             cache_path=cached)
 
 
 def knn_index(run: Run, data_dir: Path, ids: list[int]):
     """The image-kNN baseline over the given catalog products, embedded with the run's encoder."""
-    data_dir = Path(data_dir)
-    return _knn_index(str(run.path), model_stamp(run), str(data_dir.resolve()),
-                      stamp(data_dir / "styles.csv", data_dir / "images"), tuple(int(i) for i in ids))
+    return _knn_index(*run_key(run), *data_key(data_dir), tuple(int(i) for i in ids))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -376,7 +248,7 @@ def _photo_caption(run_path: str, version: tuple[int, ...], digest: str, _image)
 
 def photo_caption(run: Run, digest: str, image) -> tuple[str, np.ndarray, float]:
     """(caption, embedding, milliseconds) of a photo, computed once for all sessions (keyed by its bytes' sha256)."""
-    return _photo_caption(str(run.path), model_stamp(run), digest, image)
+    return _photo_caption(*run_key(run), digest, image)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -397,10 +269,8 @@ def photo_rerank(run: Run, digest: str, image, greedy: str, embedding: np.ndarra
                  exclude: int | None = None):
     """(best Candidate or None, milliseconds): the reranked caption of a photo against the catalog products
     `ids` (`exclude`: a catalog product that must not lend its own name), once for all sessions."""
-    data_dir = Path(data_dir)
-    return _photo_rerank(str(run.path), model_stamp(run), digest, greedy, exclude, str(data_dir.resolve()),
-                         stamp(data_dir / "styles.csv", data_dir / "images"), tuple(int(i) for i in ids), image,
-                         embedding)
+    return _photo_rerank(*run_key(run), digest, greedy, exclude, *data_key(data_dir), tuple(int(i) for i in ids),
+                         image, embedding)
 
 
 @st.cache_resource(show_spinner=False)
@@ -441,8 +311,8 @@ def decode_upload(data: bytes):
 
 
 __all__ = [
-    "DataError", "Evaluation", "ImageError", "RunError", "WebImages", "caption_cache", "caption_product",
-    "captioner", "catalog", "catalog_index", "decode_upload", "duckduckgo", "evaluation", "held_out_ids", "history",
-    "knn_index", "model_stamp", "query_features", "refine_results", "stamp", "thumb", "thumb_uri", "training_ids",
-    "web_images",
+    "caption_cache", "caption_product", "captioner", "catalog", "catalog_index", "data_key", "decode_upload",
+    "duckduckgo", "evaluation", "held_out_ids", "history", "knn_index", "model_stamp", "photo_caption",
+    "photo_rerank", "query_features", "refine_results", "run_key", "stamp", "summaries", "thumb", "thumb_uri",
+    "training_ids", "web_images",
 ]

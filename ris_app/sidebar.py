@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from ris_core.data import DEFAULT_DATA_DIR
+from ris_core.evaluation.files import has_evaluation
 from ris_core.runs import RESULTS_DIR, Run, RunError, discover_runs
 
 DEFAULT_RUN = "reference-cpu"  # the committed reference run, when present
@@ -71,7 +72,7 @@ def default_single(runs: list[Run]) -> str | None:
         return None
 
     def rank(run: Run) -> tuple[int, int, int]:
-        evaluated = (run.eval_dir / "caption_metrics.json").is_file()
+        evaluated = has_evaluation(run.eval_dir)
         return (not run.has_checkpoint, run.name != DEFAULT_RUN, not evaluated)
 
     return str(min(runs, key=rank).path)

@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ris_core.errors import DataError
+from ris_core.files import write_json_atomic
+
 COLUMNS = [
     "id", "gender", "masterCategory", "subCategory", "articleType",
     "baseColour", "season", "year", "usage", "productDisplayName",
@@ -24,10 +27,6 @@ COLUMNS = [
 ATTRIBUTE_COLUMNS = COLUMNS[1:9]
 MISSING_NAMES = {"", "NA", "N/A", "NAN", "NULL", "NONE"}  # the original writes "NA" for 7 missing names
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
-
-
-class DataError(ValueError):
-    """The data folder or its styles.csv cannot be used; the message says what to do."""
 
 
 @dataclass
@@ -192,8 +191,6 @@ class Split:
     val_ids: list[int]
 
     def save(self, path: Path) -> None:
-        from ris_core.runs import write_json_atomic
-
         write_json_atomic(path, asdict(self))
 
     @classmethod

@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ris_core.errors import ImageError
+
 MAX_PIXELS = 40_000_000  # a 100-megapixel upload is refused before it is decoded
 BACKGROUND = (255, 255, 255)  # product photos are shot on white; pad with the same
-
-
-class ImageError(ValueError):
-    """The bytes are not an image we can use; the message says why."""
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -81,15 +79,3 @@ def square(image: Image.Image, size: int, source_max_side: int | None = None) ->
     canvas = Image.new("RGB", (side, side), BACKGROUND)
     canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     return canvas.resize((size, size), Image.Resampling.BILINEAR)
-
-
-def thumbnail_bytes(path: str | Path, max_side: int = 160) -> bytes | None:
-    """A small JPEG for tables and grids; None when the file is not a usable image."""
-    try:
-        image = open_image(path)
-    except ImageError:
-        return None
-    image.thumbnail((max_side, max_side))
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=85)
-    return out.getvalue()

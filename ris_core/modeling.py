@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from ris_core.encoders import MobileNetTokenEncoder, MobileNetTokenEncoderConfig
+from ris_core.errors import CheckpointError, HubUnavailable
 from ris_core.tokenizer import EOS_TOKEN_ID, gpt2_tokenizer
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -32,14 +33,6 @@ HUB_HINT = (
     "cannot reach the Hugging Face Hub to download {what}. The `paper` preset needs the Hub "
     "(and a GPU to finish in hours); offline, use `--preset cpu`, or set HF_HOME to a cache holding the weights."
 )
-
-
-class HubUnavailable(RuntimeError):
-    """Pretrained weights had to come from the Hub and it could not be reached."""
-
-
-class CheckpointError(ValueError):
-    """A model folder is missing, incomplete or from another architecture."""
 
 
 @dataclass

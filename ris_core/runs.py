@@ -11,12 +11,15 @@ results/runs/<name>/
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from ris_core.data import Split
+from ris_core.errors import RunError
+from ris_core.files import write_csv_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
@@ -24,26 +27,6 @@ HISTORY_COLUMNS = [
     "epoch", "train_loss", "train_perplexity", "val_loss", "val_perplexity",
     "learning_rate", "seconds", "samples_per_second",
 ]
-
-
-class RunError(ValueError):
-    """A run folder is missing something or is inconsistent; the message says what to do."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of either
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
-    write_text_atomic(path, frame.to_csv(index=False))
 
 
 def git_commit() -> str | None:
@@ -103,9 +86,7 @@ class Run:
     def history(self) -> pd.DataFrame:
         return read_history(self.path / "history.csv")
 
-    def split(self):
-        from ris_core.data import Split
-
+    def split(self) -> Split:
         path = self.path / "split.json"
         if not path.is_file():
             raise RunError(f"{self.path} has no split.json: it cannot say which products were held out")

@@ -27,6 +27,14 @@ def copy_catalog(dest: Path, n: int) -> Path:
     return dest
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the tiny trained run (directly or through another fixture) is `slow`:
+    `pytest -m "not slow"` (`make test-fast`) runs the rest in well under a minute."""
+    for item in items:
+        if "tiny_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_catalog(tmp_path_factory) -> Path:
     return copy_catalog(tmp_path_factory.mktemp("tiny_catalog"), 160)

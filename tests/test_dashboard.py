@@ -279,8 +279,15 @@ def test_caption_quality_metrics_histogram_and_filters(runs_root):
     assert_clean(at)
     filtered = at.dataframe[-1].value
     assert len(filtered) and (filtered["articleType"] == article).all()
-    at.radio(key="quality_match").set_value("match").run()
-    assert_clean(at)
+    counts = {}
+    for wanted in ("match", "no match"):
+        at.radio(key="quality_match").set_value(wanted).run()
+        assert_clean(at)
+        shown = at.dataframe[-1].value
+        assert (shown["articleType"] == article).all()
+        assert (shown["last_two_match"].astype(str).str.lower() == str(wanted == "match").lower()).all(), wanted
+        counts[wanted] = int(next(c.value for c in at.caption if "match the filters" in c.value).split(" of ")[0])
+    assert counts["match"] + counts["no match"] == len(filtered)  # the two filters split the article's products
 
 
 def test_caption_quality_empty_state_then_evaluate_button(runs_root):
@@ -625,26 +632,25 @@ def test_widget_keys_are_unique_across_pages():
             if "{" in key:  # f-string keys are per-item within one page
                 continue
             assert keys.setdefault(key, page.name) == page.name, f"{key} used in {keys[key]} and {page.name}"
-    assert pd.Series(list(keys)).is_unique
 
 
 def test_visual_index_is_embedded_once_then_read_from_disk(runs_root, tiny_catalog, tmp_path):
     """A fresh clone has no evaluation index: the demo embeds the catalog once, later servers read it back."""
-    import ris_core.captioner
     from ris_app import loaders
+    from ris_core.captioning import CaptionerBase
     from ris_core.runs import Run
 
     run = Run(tmp_path / "run")  # without eval/, whose index would be reused instead
     shutil.copytree(runs_root / "fresh", run.path, ignore=shutil.ignore_patterns("eval"))
     ids = sorted(int(p.stem) for p in (tiny_catalog / "images").glob("*.jpg"))[:12]
-    real, calls = ris_core.captioner.embed_paths, []
+    real, calls = CaptionerBase.embed_paths, []
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
     loaders._knn_index.clear()  # other tests' sessions share this process's cache
-    with mock.patch.object(ris_core.captioner, "embed_paths", counting):
+    with mock.patch.object(CaptionerBase, "embed_paths", counting):
         first = loaders.knn_index(run, tiny_catalog, ids)
         loaders._knn_index.clear()  # a new server process
         again = loaders.knn_index(run, tiny_catalog, ids)

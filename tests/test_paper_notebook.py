@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ris_core.captioner import Captioner, embed_images
+from ris_core.captioner import ImageCaptioner, load_any_captioner
 from ris_core.data import Split
 from ris_core.modeling import CheckpointError
 from ris_core.paper_notebook import (
@@ -23,7 +23,6 @@ from ris_core.paper_notebook import (
     NotebookCaptionerConfig,
     drop_first_word,
     expected_shapes,
-    load_any_captioner,
     load_notebook_checkpoint,
     read_state_dict,
 )
@@ -98,7 +97,7 @@ def test_import_writes_a_run_folder(imported):
 def test_rebuilt_model_gives_exactly_the_same_logits(imported):
     model, checkpoint, out, _ = imported
     adapter = load_any_captioner(out)
-    assert isinstance(adapter, NotebookCaptionerAdapter) and isinstance(adapter, Captioner)
+    assert isinstance(adapter, NotebookCaptionerAdapter) and isinstance(adapter, ImageCaptioner)
     torch.manual_seed(1)
     pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 50257, (2, 7))
     with torch.no_grad():
@@ -142,7 +141,8 @@ def test_adapter_captions_like_our_runs(imported):
     batch = adapter.run_batch(pics, references=refs)
     assert len(batch.captions) == 3 and batch.embeddings.shape == (3, 64)
     assert np.allclose(np.linalg.norm(batch.embeddings, axis=1), 1.0, atol=1e-5)
-    assert np.allclose(embed_images(adapter, pics), batch.embeddings, atol=1e-6)  # embed_paths works too
+    assert isinstance(adapter, ImageCaptioner) and not adapter.can_rerank
+    assert np.allclose(adapter.embed(pics), batch.embeddings, atol=1e-6)  # embed_paths works too
     assert batch.captions == adapter.caption(pics) == adapter.run_batch(pics).captions
 
     # the loss, teacher-forced from BOS, recomputed by hand with the full forward

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from ris_core.captioner import Captioner, _label_tensor
+from ris_core.encoder_decoder import Captioner, _label_tensor
 from ris_core.modeling import (
     CheckpointError,
     ModelSpec,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ris_core.data import Catalog
+from ris_core.files import atomic_path, digest, write_json_atomic
 from ris_core.images import ImageError, open_image, square
 from ris_core.modeling import ModelSpec, image_processor
 
@@ -52,11 +51,11 @@ def normalize(pixels_uint8: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 def _cache_key(catalog: Catalog, ids: list[int], spec: ModelSpec) -> str:
     ident = {
         "data_dir": str(Path(catalog.image_dir).resolve()),
-        "ids": hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest(),
+        "ids": [int(i) for i in ids],
         "encoder": spec.encoder, "image_size": spec.image_size, "source_max_side": spec.source_max_side,
         "version": 2,  # 2: backbone in bf16 autocast
     }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(ident)
 
 
 @torch.no_grad()
@@ -87,11 +86,9 @@ def cached_backbone_maps(model, catalog: Catalog, ids: list[int], spec: ModelSpe
         mids.append(mid.half())
         finals.append(final.half())
     maps = {"ids": torch.tensor(kept, dtype=torch.int64), "mid": torch.cat(mids), "final": torch.cat(finals)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file(maps, tmp)
-    path.with_suffix(".json").write_text(json.dumps({"broken": broken}))
-    os.replace(tmp, path)
+    write_json_atomic(path.with_suffix(".json"), {"broken": broken})
+    with atomic_path(path) as tmp:
+        save_file(maps, tmp)
     return maps, broken
 
 
@@ -123,7 +120,7 @@ def make_collator(spec: ModelSpec, flip_p: float = 0.0):
     """Pads captions with -100; with flip_p > 0 mirrors that share of the batch left-right (training only).
 
     Pixels are flipped; cached maps are swapped for the maps of the mirrored image when the dataset has
-    them. Flipping the maps themselves would be no substitute (`python -m training.probe_flip`).
+    them. Flipping the maps themselves would be no substitute (`python -m bench.probe_flip`).
     """
 
     def collate(items: list[dict]) -> dict:

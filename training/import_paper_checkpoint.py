@@ -9,7 +9,7 @@ tied weights stored once), history.csv (only the paper's reported final row) and
 --split_from, so the import is evaluated on the same held-out products as that run). The .pt is read with
 `weights_only=True`: a file that is not a plain dict of tensors is refused, never executed. An existing
 different folder is never overwritten (exit code 2); importing the same file again changes nothing.
-Load the result with `ris_core.paper_notebook.load_any_captioner(<out>)`.
+Load the result with `ris_core.captioner.load_any_captioner(<out>)`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from ris_core.data import Split
+from ris_core.files import write_csv_atomic, write_json_atomic
 from ris_core.modeling import CheckpointError
 from ris_core.paper_notebook import (
     DECODING_MODES,
@@ -39,7 +40,7 @@ from ris_core.paper_notebook import (
     load_notebook_dir,
     save_notebook_dir,
 )
-from ris_core.runs import HISTORY_COLUMNS, RESULTS_DIR, RunError, git_commit, write_csv_atomic, write_json_atomic
+from ris_core.runs import HISTORY_COLUMNS, RESULTS_DIR, RunError, git_commit
 
 logger = logging.getLogger("training.import_paper_checkpoint")
 KIND = "paper-notebook"
@@ -152,7 +153,7 @@ def write_run(tmp: Path, model: NotebookCaptioner, args: argparse.Namespace, sha
         "name": out.name, "kind": KIND, "status": "complete",
         "reported_not_reproduced": True,  # history.csv only; the checkpoint in notebook/ is real
         "reported_scope": "history.csv holds the paper's reported final row, not measured on this checkpoint; "
-                          "notebook/ holds the real weights (ris_core.paper_notebook.load_any_captioner)",
+                          "notebook/ holds the real weights (ris_core.captioner.load_any_captioner)",
         "source": {"file": str(Path(source).resolve()), "sha256": sha256, "bytes": Path(source).stat().st_size},
         "reported": {"source": PAPER, **REPORTED_ROW},
         "model": "paper notebook VisionGPT2Model: timm ViT-B/16 + nanoGPT-style GPT-2, decoder block i "

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from ris_core.data import load_catalog
-from ris_core.runs import Run, write_text_atomic
+from ris_core.files import write_text_atomic
+from ris_core.runs import Run
 
 
 def stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> list[int]:

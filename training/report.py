@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ris_core.evaluation import files
 from ris_core.rerank import describe as describe_rerank
 from ris_core.runs import RESULTS_DIR, Run
 
@@ -39,7 +40,7 @@ def history_table(run: Run) -> str:
 
 
 def caption_table(run: Run) -> str:
-    metrics = json.loads((run.eval_dir / "caption_metrics.json").read_text())
+    metrics = json.loads((run.eval_dir / files.CAPTION_METRICS).read_text())
     model, nn = metrics["model"], metrics["nn_caption_baseline"]
     rows = [("BLEU-1", "bleu_1", 1), ("BLEU-2", "bleu_2", 1), ("BLEU-3", "bleu_3", 1), ("BLEU-4", "bleu_4", 1),
             ("mean sentence BLEU", "sentence_bleu_mean", 1), ("last-two-words match", "last_two_match", 3),
@@ -59,7 +60,7 @@ def caption_table(run: Run) -> str:
 
 
 def retrieval_table(run: Run, level: str = "R1") -> str:
-    summary = json.loads((run.eval_dir / "retrieval.json").read_text())
+    summary = json.loads((run.eval_dir / files.RETRIEVAL_SUMMARY).read_text())
     rows = [r for r in summary["rows"] if r["level"] == level]
     lines = [f"{summary['n_queries']:,} queries against {summary['catalog_size']:,} training products, level {level}.",
              "", "| strategy | source | P@1 | P@10 [95% CI] | MRR | nDCG@10 | zero-hit |",
@@ -79,7 +80,7 @@ def retrieval_table(run: Run, level: str = "R1") -> str:
 
 def refinement_table(run: Run, level: str = "R1") -> str:
     """Paired (refined − unrefined) differences on the same queries, per strategy."""
-    summary = json.loads((run.eval_dir / "retrieval.json").read_text())
+    summary = json.loads((run.eval_dir / files.RETRIEVAL_SUMMARY).read_text())
     pairs = [p for p in summary["paired"] if p["a"].endswith("+refine")]
     if not pairs:
         return "no refinement rows"
@@ -100,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run = Run(args.run)
     print("### Training history\n\n" + history_table(run))
-    if (run.eval_dir / "caption_metrics.json").is_file():
+    if (run.eval_dir / files.CAPTION_METRICS).is_file():
         print("\n### Caption quality\n\n" + caption_table(run))
-    if (run.eval_dir / "retrieval.json").is_file():
+    if (run.eval_dir / files.RETRIEVAL_SUMMARY).is_file():
         for level in ("R1", "R2", "R3"):
             print(f"\n### Retrieval ({level})\n\n" + retrieval_table(run, level))
         for level in ("R1", "R2", "R3"):

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import Seq2SeqLMOutput
 from transformers.trainer_utils import get_last_checkpoint
 
 from ris_core.data import DataError, Split, fingerprint, load_catalog, make_split, verbatim_overlap
+from ris_core.files import write_json_atomic
 from ris_core.modeling import (
     HubUnavailable,
     ModelSpec,
@@ -30,7 +31,7 @@ from ris_core.modeling import (
     save_captioner,
     token_cross_entropy,
 )
-from ris_core.runs import RunError, git_commit, upsert_history_row, write_json_atomic
+from ris_core.runs import RunError, git_commit, upsert_history_row
 from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions
 from training.args import default_run_name, model_spec, parse_args
 from training.data import CaptionDataset, cached_backbone_maps, decode_images, make_collator

@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 
 from ris_core.captioner import Captioner
 from ris_core.data import load_catalog
+from ris_core.evaluation import files
+from ris_core.evaluation.pipeline import resolve_data_dir
+from ris_core.files import write_csv_atomic
 from ris_core.images import ImageError, open_image
 from ris_core.metrics import caption_metrics
 from ris_core.rerank import RerankConfig, candidate_pool, score
-from ris_core.runs import Run, write_csv_atomic
+from ris_core.runs import Run
 from ris_core.search.image_knn import ImageKnnIndex
-from training.evaluate import resolve_data_dir
 
 GRID = {"k": [10, 20], "num_beams": [0, 5], "mirror": [False, True], "visual_weight": [0.0, 30.0, 60.0],
         "length_weight": [0.0, 0.5]}
@@ -66,9 +68,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     run = Run(args.run)
     captioner = Captioner.load(run.path)
-    captions = pd.read_csv(run.eval_dir / "captions.csv", keep_default_na=False)
-    val_emb = np.load(run.eval_dir / "val_embeddings.npy", allow_pickle=False)
-    knn = ImageKnnIndex.load(run.eval_dir / "catalog_knn")
+    captions = pd.read_csv(run.eval_dir / files.CAPTIONS, keep_default_na=False)
+    val_emb = np.load(run.eval_dir / files.VAL_EMBEDDINGS, allow_pickle=False)
+    knn = ImageKnnIndex.load(run.eval_dir / files.CATALOG_KNN)
     catalog = load_catalog(resolve_data_dir(run, args.data_dir))
     rows = np.sort(np.random.default_rng(0).permutation(len(captions))[: args.n])
     widest = RerankConfig(k=max(GRID["k"]), num_beams=max(GRID["num_beams"]))

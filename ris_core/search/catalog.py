@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
 import pandas as pd
 
+from ris_core.files import atomic_path
 from ris_core.search import SearchResponse, SearchResult
 
 SCHEMA_VERSION = "1"
@@ -175,11 +174,7 @@ class CatalogIndex:
 
         # Build into a temp file beside the target, then os.replace: readers (and a concurrent
         # builder) see the old complete file or the new complete one, never a half-written index.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with atomic_path(path) as tmp:
             conn = sqlite3.connect(tmp)
             try:
                 # The temp file is thrown away on any failure, so durability pragmas only cost time.
@@ -188,10 +183,6 @@ class CatalogIndex:
                 _create(conn, rows, fingerprint)
             finally:
                 conn.close()
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return cls(_connect_readonly(path), path)
 
     @classmethod
@@ -238,11 +229,6 @@ class CatalogIndex:
                 for i, (pid, name, image, bm) in enumerate(rows, start=1)
             ]
         return SearchResponse(query=query, backend=self.name, results=results, seconds=time.perf_counter() - start)
-
-    def iter_ids(self) -> Iterator[int]:
-        with self._lock:
-            rows = self._conn.execute("SELECT rowid FROM products ORDER BY rowid").fetchall()
-        return (int(r[0]) for r in rows)
 
 
 def naive_search(products: pd.DataFrame, query: str, k: int = 10, image_dir: Path | None = None) -> SearchResponse:

@@ -7,14 +7,15 @@ them. Rows are L2-normalised once, so cosine similarity is a single matrix-vecto
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from ris_core.runs import write_json_atomic
+from ris_core.files import atomic_path, write_json_atomic
 from ris_core.search import SearchResponse, SearchResult
 
 
@@ -52,10 +53,6 @@ class ImageKnnIndex:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
-
-    def vector_of(self, product_id: int) -> np.ndarray:
-        """The stored (normalised) embedding of a catalog product, e.g. to query with its own image."""
-        return self.vectors[self._row[int(product_id)]]
 
     def search_vector(
         self, vector: np.ndarray, k: int = 10, exclude_id: int | None = None, query: str = "<image>"
@@ -97,12 +94,9 @@ class ImageKnnIndex:
     def save(self, path: str | Path) -> Path:
         """Write `<path>.npz` (ids, vectors: arrays only) and `<path>.json` (image paths, names); returns the npz."""
         npz, meta = self._paths(path)
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        tmp = npz.with_name(f".{npz.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:  # a file object stops numpy appending its own ".npz" to the temp name
-            np.savez(f, ids=self.ids, vectors=self.vectors)
         write_json_atomic(meta, {"image_paths": self.image_paths, "names": self.names, "rows": len(self.ids)})
-        os.replace(tmp, npz)
+        with atomic_path(npz) as tmp, open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" to it
+            np.savez(f, ids=self.ids, vectors=self.vectors)
         return npz
 
     @classmethod
@@ -112,3 +106,43 @@ class ImageKnnIndex:
             ids, vectors = arrays["ids"], arrays["vectors"]
         strings = json.loads(meta.read_text())
         return cls(ids, vectors, strings["image_paths"], strings["names"])
+
+
+KNN_COVERAGE = 0.9  # an evaluation's index serves a catalog when it holds this share of the wanted products
+
+
+def index_for_catalog(wanted: Sequence[int], products: pd.DataFrame, image_path: Callable[[int], Path],
+                      embed_paths: Callable[[list[tuple[int, Path]]], tuple[list[int], np.ndarray, list[int]]],
+                      evaluation_index: Path | None = None, cache_path: Path | None = None) -> ImageKnnIndex:
+    """The image-kNN index over `wanted` products, from the cheapest source that has it.
+
+    1. an evaluation's `catalog_knn` embedded with the same model, when it covers `KNN_COVERAGE` of them;
+    2. `cache_path`, an index this function saved before (keyed by its caller);
+    3. `embed_paths` over the images (a minute on 2 cores for a few thousand), saved to `cache_path`.
+    Unreadable, torn or foreign files are skipped, never trusted."""
+    names = products["productDisplayName"]
+    unreadable = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+    if evaluation_index is not None and evaluation_index.is_file():
+        try:
+            stored = ImageKnnIndex.load(evaluation_index)
+        except unreadable:
+            stored = None
+        if stored is not None:
+            rows = [i for i, pid in enumerate(stored.ids) if int(pid) in products.index]
+            if len(rows) >= KNN_COVERAGE * len(wanted):
+                kept = stored.ids[rows]
+                return ImageKnnIndex(kept, stored.vectors[rows], [str(image_path(i)) for i in kept],
+                                     names.loc[kept].tolist())
+    if cache_path is not None:
+        try:
+            return ImageKnnIndex.load(cache_path)
+        except unreadable:
+            pass  # absent, torn or unreadable: embed afresh
+    kept, matrix, _ = embed_paths([(int(i), image_path(int(i))) for i in wanted])
+    index = ImageKnnIndex(np.asarray(kept), matrix, [str(image_path(i)) for i in kept], names.loc[kept].tolist())
+    if cache_path is not None:
+        try:
+            index.save(cache_path)
+        except OSError:
+            pass  # a read-only checkout still works, it just embeds again next time
+    return index

@@ -1,7 +1,7 @@
 """Load test: concurrent dashboard sessions against one `streamlit run` on 127.0.0.1, bounded in count and time.
 
-    python tests/load_dashboard.py                                 # 20 sessions for 60 s (the real test)
-    python tests/load_dashboard.py --sessions 3 --seconds 10       # a smoke run
+    python -m bench.load_dashboard                                 # 20 sessions for 60 s (the real test)
+    python -m bench.load_dashboard --sessions 3 --seconds 10       # a smoke run
     python -m bench.run --load                                     # the same, from the benchmark
 
 Not collected by pytest (no `test_` prefix): it starts a server and takes minutes.

@@ -1,6 +1,6 @@
 """Measure the cpu preset's design choices side by side in one run (throughput only, no accuracy).
 
-    python -m training.probe_throughput   # ~30 s on 2 cores; writes results/cpu-preset-throughput.json
+    python -m bench.probe_throughput   # ~30 s on 2 cores; writes results/cpu-preset-throughput.json
 
 Variants of one training step (batch 64, 10 target tokens per caption, bf16 autocast, AdamW):
 multi-scale tokens (80) vs final map only (16), and the output-layer shortlist vs the full 50,257-way softmax;
@@ -14,8 +14,9 @@ import time
 
 import torch
 
+from ris_core.files import write_json_atomic
 from ris_core.modeling import ModelSpec, build_captioner
-from ris_core.runs import RESULTS_DIR, write_json_atomic
+from ris_core.runs import RESULTS_DIR
 from training.train import TrainableCaptioner
 
 BATCH, TOKENS, SHORTLIST = 64, 10, 7259  # 7,259 distinct GPT-2 tokens occur in the 44k product names

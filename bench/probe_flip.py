@@ -1,6 +1,6 @@
 """Is flipping cached backbone maps a stand-in for the maps of a mirrored image? (It is not: see below.)
 
-    python -m training.probe_flip   # cosine similarities over the first 512 products, printed
+    python -m bench.probe_flip   # cosine similarities over the first 512 products, printed
 
 Measured 2026-11-30: stride-16 maps 0.790 to the flipped maps vs 0.847 to the unflipped ones (0.653 between
 different products); final maps 0.868 vs 0.917 (0.610). Hence `--flip_p` extracts the mirrored maps once.

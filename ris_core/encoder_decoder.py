@@ -1,0 +1,128 @@
+"""Our captioner: a `VisionEncoderDecoderModel` from a run's model/ folder, batched, greedy by default and
+deterministic, with beam n-best and candidate likelihoods for reranking and pooled embeddings for image kNN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.modeling_outputs import BaseModelOutput
+
+from ris_core.captioning import CaptionBatch, CaptionerBase
+from ris_core.errors import CheckpointError
+from ris_core.images import square
+from ris_core.modeling import (
+    ModelSpec,
+    image_processor,
+    load_model_dir,
+    sequence_log_likelihoods,
+    token_cross_entropy,
+)
+from ris_core.tokenizer import encode_captions, gpt2_tokenizer
+
+
+@dataclass
+class Captioner(CaptionerBase):
+    model: torch.nn.Module
+    spec: ModelSpec
+    name: str = "captioner"
+    stats: dict = field(default_factory=dict)
+    can_rerank: ClassVar[bool] = True  # n_best and log_likelihoods work with this model (ris_core/rerank.py)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Captioner:
+        """From a run folder (uses its model/) or a model folder; CheckpointError says what is wrong."""
+        path = Path(path)
+        model_dir = path / "model" if (path / "model").is_dir() or (path / "run.json").is_file() else path
+        if not model_dir.is_dir():
+            raise CheckpointError(f"{path} has no model/ folder: this run has no checkpoint to caption with")
+        model, spec = load_model_dir(model_dir)
+        return cls(model=model, spec=spec, name=path.name)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        squared = [square(im, self.spec.image_size, self.spec.source_max_side) for im in images]
+        processor = image_processor(self.spec)
+        return processor(images=squared, return_tensors="pt")["pixel_values"]
+
+    def _encode(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoder tokens, the same projected to the decoder's width, pooled image embedding)."""
+        pixels = self.preprocess(images)
+        encoder = self.model.encoder
+        if hasattr(encoder, "backbone_maps"):
+            mid, final = encoder.backbone_maps(pixels)
+            raw = encoder.tokens_from_maps(mid, final)
+            pooled = final.mean(dim=(2, 3))  # ImageNet CNN embedding: the visual-search baseline
+        else:
+            raw = encoder(pixel_values=pixels).last_hidden_state
+            pooled = raw.mean(dim=1)
+        projection = getattr(self.model, "enc_to_dec_proj", None)
+        hidden = projection(raw) if projection is not None and _has_projection(self.model) else raw
+        return raw, hidden, pooled
+
+    @torch.no_grad()
+    def run_batch(self, images: list[Image.Image], references: list[str] | None = None, num_beams: int = 1,
+                  max_new_tokens: int = 32) -> CaptionBatch:
+        raw, hidden, pooled = self._encode(images)
+        out = CaptionBatch(captions=[], embeddings=torch.nn.functional.normalize(pooled, dim=1).numpy())
+        if references is not None:
+            loss, tokens = token_cross_entropy(self.model, hidden, _label_tensor(references))
+            out.loss_sum, out.tokens = loss.item() * tokens, tokens
+        # the encoder ran once; generate() projects `raw` itself. The mask only says "every image token is real":
+        # pad == eos, so generate() cannot infer it and warns otherwise (same tokens either way).
+        token_mask = torch.ones(raw.shape[:2], dtype=torch.long)
+        generated = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=raw),
+                                        attention_mask=token_mask,
+                                        num_beams=num_beams, max_new_tokens=max_new_tokens)
+        out.captions = [c.strip() for c in gpt2_tokenizer().batch_decode(generated, skip_special_tokens=True)]
+        return out
+
+    @torch.no_grad()
+    def log_likelihoods(self, images: list[Image.Image], candidates: list[list[str]]) -> list[np.ndarray]:
+        """The model's summed log-probability of each image's candidate captions (one array per image)."""
+        _, hidden, _ = self._encode(images)
+        rows = [i for i, texts in enumerate(candidates) for _ in texts]
+        flat = [text for texts in candidates for text in texts]
+        if not flat:
+            return [np.zeros(0) for _ in candidates]
+        scores = sequence_log_likelihoods(self.model, hidden[rows], _label_tensor(flat)).numpy()
+        bounds = np.cumsum([0] + [len(texts) for texts in candidates])
+        return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @torch.no_grad()
+    def n_best(self, images: list[Image.Image], num_beams: int = 5, max_new_tokens: int = 32) -> list[list[str]]:
+        """Each image's beam-search hypotheses, likeliest first (candidates for reranking)."""
+        raw, _, _ = self._encode(images)
+        generated = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=raw),
+                                        attention_mask=torch.ones(raw.shape[:2], dtype=torch.long),
+                                        num_beams=num_beams, num_return_sequences=num_beams,
+                                        max_new_tokens=max_new_tokens)
+        texts = [c.strip() for c in gpt2_tokenizer().batch_decode(generated, skip_special_tokens=True)]
+        return [texts[i * num_beams : (i + 1) * num_beams] for i in range(len(images))]
+
+    @torch.no_grad()
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """L2-normalised pooled encoder features (no decoding): the image-kNN embedding."""
+        pixels = self.preprocess(images)
+        encoder = self.model.encoder
+        if hasattr(encoder, "backbone_maps"):
+            pooled = encoder.backbone_maps(pixels)[1].mean(dim=(2, 3))
+        else:
+            pooled = encoder(pixel_values=pixels).last_hidden_state.mean(dim=1)
+        return torch.nn.functional.normalize(pooled, dim=1).numpy()
+
+
+def _label_tensor(texts: list[str]) -> torch.Tensor:
+    """Caption token ids + EOS, padded with -100 (ignored by the loss)."""
+    labels = encode_captions(texts)
+    tensor = torch.full((len(labels), max(map(len, labels))), -100, dtype=torch.long)
+    for row, seq in enumerate(labels):
+        tensor[row, : len(seq)] = torch.tensor(seq)
+    return tensor
+
+
+def _has_projection(model) -> bool:
+    return model.encoder.config.hidden_size != model.decoder.config.hidden_size
