@@ -6,7 +6,7 @@ PORT ?= 8501
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install run test test-fast lint bench reference evaluate-reference demo-catalog clean-cache
+.PHONY: install run serve test test-fast lint bench reference evaluate-reference demo-catalog clean-cache
 
 install: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
+# A local, single-user dashboard: the sidebar may open any folder (RIS_OPEN_FOLDERS=1).
 run: install
-	$(VENV)/bin/streamlit run dashboard.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+	RIS_OPEN_FOLDERS=1 $(VENV)/bin/streamlit run dashboard.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+
+# A shared server: visitors open only the operator's folders (RIS_RUNS_DIRS, RIS_DATA_DIR, RIS_DATA_DIRS).
+serve: install
+	RIS_OPEN_FOLDERS=0 $(VENV)/bin/streamlit run dashboard.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
 test: install
 	$(PY) -m pytest -q

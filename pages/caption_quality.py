@@ -2,7 +2,6 @@
 the sentence-BLEU histogram, a filterable table of held-out samples, and the best and worst captions."""
 
 import math
-from pathlib import Path
 
 import streamlit as st
 
@@ -10,7 +9,7 @@ from ris_app import loaders
 from ris_app.charts import bleu_histogram
 from ris_app.guards import require_run
 from ris_app.sidebar import sidebar
-from ris_app.widgets import image_card, short
+from ris_app.widgets import image_card, job_progress, md, say, short
 from ris_core.errors import DataError, RisError
 from ris_core.rerank import describe as describe_rerank
 from ris_core.runs import Run
@@ -23,28 +22,35 @@ METRICS = [  # (key in caption_metrics.json, label, scale to show)
 ]
 
 
-def evaluate_now(run: Run, data_dir: Path) -> None:
-    """Compute <run>/eval with the library's pipeline, a progress bar following its stages.
-
-    The checkpoint is loaded first, so a corrupt one leaves no half-written eval/."""
+def start_evaluation(run: Run, choice) -> None:
+    """Evaluate the run as a background job (one per run, at most RIS_MAX_JOBS at once), after checking here
+    that it can work: the checkpoint loads, held-out products are in the data folder, the catalog is within
+    the operator's limit."""
     from ris_core.evaluation.pipeline import EvalConfig, evaluate_run  # torch: only when evaluating
 
     try:
         loaders.captioner(run)
-        held_out = loaders.held_out_ids(run, loaders.catalog(data_dir).products)
+        products = loaders.catalog(choice.data_dir).products
+        held_out = loaders.held_out_ids(run, products)
         if not held_out:
-            raise DataError(f"none of the run's held-out products are in {data_dir}: set the data folder "
-                            "(sidebar → Folders) to the folder the run was trained on")
-        bar = st.progress(0.0, text=f"Evaluating {len(held_out):,} held-out products...")
-
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.progress(min(done / max(total, 1), 1.0), text=f"{stage}: {done:,} of {total:,}")
-
-        evaluate_run(run, data_dir, EvalConfig(progress_bars=False), progress=progress)
+            raise DataError("none of the run's held-out products are in this data folder: set the data folder "
+                            "(sidebar → Folders) to the one the run was trained on")
+        limit = choice.access.max_products if choice.access else None
+        if limit and len(products) > limit:
+            raise DataError(f"the data folder holds {len(products):,} products; this server evaluates at most "
+                            f"{limit:,} (its operator sets RIS_MAX_PRODUCTS). Evaluate it with `python -m "
+                            "training.evaluate` instead")
+        loaders.jobs().start(evaluation_job(run), lambda progress: evaluate_run(
+            run, choice.data_dir, EvalConfig(progress_bars=False), progress=progress),
+            label=f"An evaluation of {run.name}")
     except RisError as err:
-        st.error(f"Evaluation failed: {err}")
+        st.error(f"Evaluation cannot start: {say(err)}")
         return
     st.rerun()
+
+
+def evaluation_job(run: Run) -> str:
+    return f"evaluate:{run.path.resolve()}"
 
 
 choice = sidebar()
@@ -54,14 +60,19 @@ run = require_run(choice)
 evaluation = loaders.evaluation(run)
 for problem in evaluation.problems:
     st.warning(problem)
+job = job_progress(evaluation_job(run), f"Evaluating {run.name}")
+if job.state == "failed":
+    st.error(f"The last evaluation of {md(run.name)} failed: {say(job.message)}")
 if not evaluation.exists:
-    st.info(f"**{run.name}** has no caption evaluation yet. It captions the run's held-out products found in "
-            f"the data folder ({choice.data_dir}), scores them against their names, and measures every query "
-            "strategy on the catalog. This takes from seconds to a few minutes.")
+    st.info(f"**{md(run.name)}** has no caption evaluation yet. It captions the run's held-out products found in "
+            f"the data folder ({md(choice.data_label)}), scores them against their names, and measures every query "
+            "strategy on the catalog. It runs in the background (minutes for a few hundred products); everyone "
+            "opening this page sees its progress.")
     if not run.has_checkpoint:
         st.warning("This run has no checkpoint (model/config.json), so it cannot be evaluated. Pick another run.")
-    elif st.button("Evaluate this run now", type="primary", key="quality_evaluate", icon=":material/play_arrow:"):
-        evaluate_now(run, choice.data_dir)
+    elif not job.running and st.button("Evaluate this run now", type="primary", key="quality_evaluate",
+                                       icon=":material/play_arrow:"):
+        start_evaluation(run, choice)
     st.stop()
 
 captions, metrics = evaluation.captions, evaluation.caption_metrics
@@ -96,7 +107,7 @@ for i, (key, label, scale) in enumerate(METRICS):
         delta=None if ours is None or theirs is None else f"{(ours - theirs) * scale:+.1f}{unit} vs NN caption",
         border=True, help=f"NN-caption baseline: {'–' if theirs is None else f'{theirs * scale:.1f}{unit}'}",
     )
-if number(model.get("perplexity")) is not None:
+if number(model.get("perplexity")) is not None and number(model.get("loss")) is not None:
     st.caption(f"Held-out loss {model['loss']:.3f}, perplexity {model['perplexity']:.2f} per GPT-2 token.")
 if "reranked" in decodings and number(model.get("bleu_4")) is not None:
     st.caption(

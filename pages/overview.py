@@ -8,6 +8,7 @@ import streamlit as st
 from ris_app import loaders
 from ris_app.navigation import PAGES
 from ris_app.sidebar import sidebar
+from ris_app.widgets import md, say
 from ris_core.metrics import RELEVANCE_DESCRIPTIONS, RELEVANCE_LEVELS
 from ris_core.runs import RunError
 
@@ -56,7 +57,7 @@ else:
         info = run.info()
         reported = run.reported_only
     except RunError as err:
-        st.error(str(err))
+        st.error(say(err))
         info, reported = {}, False
     metrics, summary, problems = loaders.summaries(run) if info and not reported else (None, None, [])
     for problem in problems:
@@ -66,7 +67,8 @@ else:
     st.subheader(run.name)
     spec, data = info.get("model_spec") or {}, info.get("data") or {}
     if spec:
-        st.caption(f"{info.get('epochs_done', '?')} epochs · encoder {spec.get('encoder')} at {spec.get('image_size')} "
+        encoder = md(spec.get("encoder"))
+        st.caption(f"{info.get('epochs_done', '?')} epochs · encoder {encoder} at {spec.get('image_size')} "
                    f"px · decoder {spec.get('n_layer')}x{spec.get('n_embd')} · {data.get('train', 0):,} training "
                    f"and {data.get('val', 0):,} held-out products")
     paper = reported_val_perplexity(choice.available)
@@ -95,10 +97,10 @@ else:
                        f"{RELEVANCE_DESCRIPTIONS['R1']} Visual: the nearest catalog images by ImageNet embedding.")
 
     if reported:
-        st.info(f"**{run.name}** holds numbers reported elsewhere (no held-out captions to score). Its curve is on "
+        st.info(f"**{md(run.name)}** holds numbers reported elsewhere (no held-out captions to score). Its curve is on "
                 "the Training curves page.")
     elif info and metrics is None:
-        st.info(f"**{run.name}** has no evaluation yet: compute it on the Caption quality page (one button).")
+        st.info(f"**{md(run.name)}** has no evaluation yet: compute it on the Caption quality page (one button).")
     elif summary:
         pairs = {(p.get("a"), p.get("b")): p for p in summary.get("paired") or [] if isinstance(p, dict)}
         claim, visual_pair = pairs.get(("last_two_words", "full_caption")), pairs.get(("last_two_words", "image_knn"))

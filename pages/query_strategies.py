@@ -11,7 +11,7 @@ from ris_app import loaders
 from ris_app.charts import METRIC_LABELS, strategy_figure
 from ris_app.guards import require_run
 from ris_app.sidebar import sidebar
-from ris_app.widgets import md, refine_controls, refined_grid, result_grid, show_image
+from ris_app.widgets import md, refine_controls, refined_grid, result_grid, say, show_image
 from ris_core.errors import CheckpointError, DataError, ImageError, RunError
 from ris_core.metrics import RELEVANCE_DESCRIPTIONS, RELEVANCE_LEVELS
 from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
@@ -54,7 +54,7 @@ def one_product() -> None:
         held_out = loaders.held_out_ids(run, products)
         train_ids = loaders.training_ids(run, products)
     except (DataError, RunError) as err:
-        picker_box.error(str(err))
+        picker_box.error(say(err))
         return
     generated, reranked = {}, {}
     if evaluation.captions is not None:
@@ -65,7 +65,7 @@ def one_product() -> None:
     else:
         options = held_out
     if not options:
-        picker_box.warning(f"None of {run.name}'s held-out products are in {choice.data_dir}. Set the data folder "
+        picker_box.warning(f"None of {md(run.name)}'s held-out products are in the data folder. Set the data folder "
                    "(sidebar → Folders) to the folder the run was trained on, or to the demo catalog.")
         return
     if st.session_state.get("strategies_product") not in options:
@@ -86,7 +86,7 @@ def one_product() -> None:
             with card, st.spinner("Captioning this product..."):
                 caption = loaders.caption_product(run, image_path)
         except (CheckpointError, ImageError) as err:
-            card.error(f"Cannot caption this product: {err}")
+            card.error(f"Cannot caption this product: {say(err)}")
             return
 
     with card, st.container(horizontal=True, gap="medium", vertical_alignment="center"):
@@ -97,7 +97,8 @@ def one_product() -> None:
             if product_id in reranked and reranked[product_id] != caption:
                 st.markdown(f"**Reranked caption:** {md(reranked[product_id])} *(the best of the model's "
                             "captions and the nearest training names; its rows are in the table below)*")
-            st.caption(f"{query['articleType']} · {query['baseColour']} · {query['gender']} · {len(train_ids):,} "
+            attrs = " · ".join(md(query[a]) for a in ("articleType", "baseColour", "gender"))
+            st.caption(f"{attrs} · {len(train_ids):,} "
                        "training products searchable")
     if not names:
         st.info("Choose at least one strategy above.")
@@ -129,7 +130,7 @@ def query_features(image_path, caption: str):
         with card, st.spinner("Captioning this product for refinement..."):
             live_caption, embedding = loaders.query_features(run, image_path)
     except (CheckpointError, ImageError) as err:
-        card.warning(f"Refinement is unavailable: {err}")
+        card.warning(f"Refinement is unavailable: {say(err)}")
         return None
     if live_caption != caption:
         card.caption(f"Refinement compares with the live caption “{md(live_caption) or '(empty)'}” and its "
@@ -145,7 +146,7 @@ st.divider()
 st.subheader("All held-out products")
 summary = evaluation.retrieval_summary
 if not summary or not summary.get("rows"):
-    st.info(f"**{run.name}** has no retrieval evaluation yet: compute it on the Caption quality page "
+    st.info(f"**{md(run.name)}** has no retrieval evaluation yet: compute it on the Caption quality page "
             "(“Evaluate this run now”) or with `python -m training.evaluate --run <run>`.")
     st.stop()
 

@@ -14,11 +14,13 @@ import streamlit as st
 from ris_app import loaders
 from ris_app.guards import require_run
 from ris_app.sidebar import sidebar
-from ris_app.widgets import md, refine_controls, refined_grid, result_grid
+from ris_app.widgets import job_progress, md, refine_controls, refined_grid, result_grid, say
 from ris_core.data import Catalog
 from ris_core.errors import CheckpointError, DataError, ImageError, RunError
 from ris_core.images import square
+from ris_core.jobs import Busy
 from ris_core.runs import Run
+from ris_core.search.image_knn import IndexNotBuilt
 from ris_core.search.web import WebFallback
 from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
 
@@ -92,7 +94,7 @@ def input_panel(catalog: Catalog, held_out: list[int]) -> Photo | None:
                 if data:
                     st.image(data, width=72)
                 st.button("Use", key=f"demo_pick_{pid}", on_click=use_gallery, args=(pid,), width="stretch",
-                          help=products.loc[pid, "productDisplayName"])
+                          help=md(products.loc[pid, "productDisplayName"]))
     kind, picked = st.session_state["demo_input"]
     if kind == "upload" and upload is not None:
         return Photo(upload.getvalue(), upload.name)
@@ -106,12 +108,37 @@ def input_panel(catalog: Catalog, held_out: list[int]) -> Photo | None:
     return None
 
 
-def caption_panel(run: Run, photo: Photo, image, data_dir, train_ids: list[int], held_out: list[int]) -> Caption:
+def visual_index(run: Run, data_dir, train_ids: list[int], limit: int | None):
+    """The catalog's image-kNN index, or None while a background job embeds it (started here when needed)."""
+    try:
+        return loaders.knn_index(run, data_dir, train_ids)
+    except IndexNotBuilt:
+        pass
+    key = knn_job(run, data_dir)
+    if loaders.jobs().status(key).running:
+        return None
+    if limit and len(train_ids) > limit:
+        raise ValueError(f"the catalog has {len(train_ids):,} products; this server embeds at most {limit:,} on "
+                         "demand (its operator sets RIS_MAX_PRODUCTS); evaluate the run to build its index")
+    try:
+        loaders.jobs().start(key, lambda progress: loaders.build_knn_index(run, data_dir, train_ids, progress),
+                             label="Embedding this catalog")
+    except Busy:
+        pass  # another visitor's job, or every slot busy: the progress bar says which
+    return None
+
+
+def knn_job(run: Run, data_dir) -> str:
+    return f"embed:{run.path.resolve()}:{loaders.data_key(data_dir)[0]}"
+
+
+def caption_panel(run: Run, photo: Photo, image, data_dir, train_ids: list[int], held_out: list[int],
+                  limit: int | None) -> Caption:
     """Caption the photo (and rerank the caption against the catalog); shows both beside the photo."""
     try:
         model = loaders.captioner(run)
     except CheckpointError as err:
-        st.error(f"The captioner of {run.name} cannot be loaded: {err}")
+        st.error(f"The captioner of {md(run.name)} cannot be loaded: {say(err)}")
         st.stop()
     digest = hashlib.sha256(photo.data).hexdigest()
     key = (str(run.path), loaders.model_stamp(run), digest)
@@ -121,15 +148,17 @@ def caption_panel(run: Run, photo: Photo, image, data_dir, train_ids: list[int],
         with st.spinner("Captioning..."):
             done[key] = loaders.photo_caption(run, digest, image)  # computed once for all sessions
     greedy, embedding, caption_ms = done[key]
-    text, reranked_note = greedy, None
+    text, reranked_note, best = greedy, None, None
     if model.can_rerank and st.session_state.get("demo_rerank", True):
         try:
-            with st.spinner("Reranking the caption against the catalog..."):
-                best, rerank_ms = loaders.photo_rerank(run, digest, image, greedy, embedding, data_dir, train_ids,
-                                                       exclude=photo.product_id)
+            if visual_index(run, data_dir, train_ids, limit) is None:
+                reranked_note = "reranking waits for the catalog's image index (being built, see below)"
+            else:
+                with st.spinner("Reranking the caption against the catalog..."):
+                    best, rerank_ms = loaders.photo_rerank(run, digest, image, greedy, embedding, data_dir,
+                                                           train_ids, exclude=photo.product_id)
         except (CheckpointError, ValueError) as err:
-            st.warning(f"The caption cannot be reranked ({err}); searching with the model's caption.")
-            best = None
+            st.warning(f"The caption cannot be reranked ({say(err)}); searching with the model's caption.")
         if best is not None:
             text = best.text
             origin = ("the model's own caption" if best.text == greedy else "one of the model's beam hypotheses"
@@ -144,7 +173,7 @@ def caption_panel(run: Run, photo: Photo, image, data_dir, train_ids: list[int],
                        else "Catalog product")
             st.markdown(f"**{md(photo.label)}**")
             st.markdown(f"Caption: **{md(greedy) or '(empty)'}**")
-            if reranked_note:
+            if best is not None:
                 st.markdown(f"Reranked: **{md(text) or '(empty)'}**")
             st.caption(note)
             if model.can_rerank:
@@ -180,12 +209,12 @@ def text_responses(options: Options, caption: Caption, data_dir, train_ids: list
     responses, offline = fallback.search(queries, options.k, index, loaders.duckduckgo)
     st.session_state["demo_web_down"] = fallback.down
     if offline:
-        st.warning(f"DuckDuckGo is not available ({offline}); showing local catalog results instead.")
+        st.warning(f"DuckDuckGo is not available ({say(offline)}); showing local catalog results instead.")
     return responses
 
 
 def results(run: Run, photo: Photo, caption: Caption, options: Options, products: pd.DataFrame, data_dir,
-            train_ids: list[int]) -> None:
+            train_ids: list[int], limit: int | None) -> None:
     """One bordered column per strategy (and the visual baseline), each optionally refined below."""
     responses = text_responses(options, caption, data_dir, train_ids)
     n_columns = len(options.strategies) + (1 if options.visual else 0) or 1
@@ -218,10 +247,14 @@ def results(run: Run, photo: Photo, caption: Caption, options: Options, products
         with columns[-1]:
             st.markdown("**image kNN** · visual baseline")
             try:
-                knn = loaders.knn_index(run, data_dir, train_ids)
+                knn = visual_index(run, data_dir, train_ids, limit)
+                if knn is None:
+                    job_progress(knn_job(run, data_dir), "Embedding the catalog images (once per catalog)")
+                    st.caption("The text results above do not wait for it.")
+                    return
                 response = knn.search_vector(caption.embedding, k=options.k, exclude_id=photo.product_id)
             except (CheckpointError, ValueError) as err:
-                st.error(f"The visual baseline is unavailable: {err}")
+                st.error(f"The visual baseline is unavailable: {say(err)}")
             else:
                 st.code("(the image itself)", language=None, wrap_lines=True)
                 if options.refine:
@@ -245,14 +278,14 @@ def main() -> None:
     try:
         catalog = loaders.catalog(choice.data_dir)
     except DataError as err:
-        st.error(f"The data folder cannot be searched: {err}")
+        st.error(f"The data folder cannot be searched: {say(err)}")
         st.stop()
     products = catalog.products
     try:
         held_out = loaders.held_out_ids(run, products)
         train_ids = loaders.training_ids(run, products)
     except RunError as err:  # no split: search everything, pick from everything
-        st.warning(f"{err}. Searching the whole data folder; gallery products may have been seen in training.")
+        st.warning(f"{say(err)}. Searching the whole data folder; gallery products may have been seen in training.")
         held_out, train_ids = [], [int(i) for i in products.index]
 
     left, right = st.columns([5, 4], gap="medium")
@@ -265,12 +298,13 @@ def main() -> None:
         try:
             image = loaders.decode_upload(photo.data)
         except ImageError as err:
-            st.error(f"This file cannot be used: {err}. Try another photo.")
+            st.error(f"This file cannot be used: {say(err)}. Try another photo.")
             st.stop()
-        caption = caption_panel(run, photo, image, choice.data_dir, train_ids, held_out)
+        limit = choice.access.max_products if choice.access else None
+        caption = caption_panel(run, photo, image, choice.data_dir, train_ids, held_out, limit)
     st.divider()
     options = search_options()
-    results(run, photo, caption, options, products, choice.data_dir, train_ids)
+    results(run, photo, caption, options, products, choice.data_dir, train_ids, limit)
 
 
 main()

@@ -5,9 +5,10 @@ import streamlit as st
 
 from ris_app import loaders
 from ris_app.charts import Curve, best_epoch, curves_figure
-from ris_app.history_io import parse_history
+from ris_app.history_io import flag_implausible, parse_history
 from ris_app.sidebar import sidebar
-from ris_core.runs import RunError
+from ris_app.widgets import md
+from ris_core.errors import RunError
 
 choice = sidebar(multi=True)
 st.title("Training curves")
@@ -22,7 +23,7 @@ for run in choice.runs:
         info = run.info()
         curves.append(Curve(run.name, loaders.history(run), bool(info.get("reported_not_reproduced"))))
     except RunError as err:
-        st.warning(f"**{run.name}**: {err}")
+        st.warning(f"**{md(run.name)}**: {md(err)}")
         continue
     if isinstance(info.get("status"), str):
         status[run.name] = info["status"]
@@ -35,10 +36,10 @@ with st.expander("Open a history from another tool (CSV or trainer_state.json)")
                                    "eval_loss), or a transformers trainer_state.json (its log_history).")
     if upload is not None:
         try:
-            curves.append(Curve(upload.name, parse_history(upload.name, upload.getvalue())))
-            st.success(f"Added {upload.name}.")
+            curves.append(Curve(upload.name, flag_implausible(parse_history(upload.name, upload.getvalue()))))
+            st.success(f"Added {md(upload.name)}.")
         except ValueError as err:
-            st.error(f"Could not read {upload.name}: {err}")
+            st.error(f"Could not read {md(upload.name)}: {md(err)}")
 
 if not curves:
     st.info("Choose one or more runs in the sidebar (or open a history file above) to see their curves.")
@@ -69,7 +70,12 @@ st.dataframe(pd.DataFrame(summary), hide_index=True, key="curves_summary",
              column_config={"best val loss": st.column_config.NumberColumn(format="%.4f"),
                             "best val perplexity": st.column_config.NumberColumn(format="%.2f")})
 for name, note in notes.items():
-    st.caption(f"**{name}**: {note}")
+    st.caption(f"**{md(name)}**: {md(note)}")
+flagged = [(c.label, f) for c in curves if "flags" in c.history for f in c.history["flags"] if f]
+if flagged:
+    st.warning(f"{len(flagged)} epoch(s) hold implausible values (negative or non-finite losses, impossible "
+               "durations): they are listed in the flags column below and left out of the charts and of "
+               "\"best\". First: " + md(f"{flagged[0][0]}: {flagged[0][1]}"))
 
 st.subheader("History")
 table = pd.concat([c.history.assign(run=c.label) for c in curves], ignore_index=True)

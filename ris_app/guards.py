@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ris_app.sidebar import Selection
-from ris_app.widgets import md
+from ris_app.sidebar import Selection, problem
+from ris_app.widgets import md, say
 from ris_core.errors import RunError
 from ris_core.runs import Run
 
@@ -19,10 +19,14 @@ def require_run(choice: Selection, needs_checkpoint: bool = False) -> Run:
     if run is None:
         st.info("No run to show: train one (`make reference`) or add a runs folder in the sidebar.")
         st.stop()
+    why = problem(run)
+    if why:
+        st.error(f"{md(run.name)} cannot be shown: {say(why)} Pick another run in the sidebar.")
+        st.stop()
     try:
         reported = run.reported_only
     except RunError as err:
-        st.error(str(err))
+        st.error(say(err))
         st.stop()
     if reported and not run.has_checkpoint:
         st.info(f"**{md(run.name)}** holds numbers reported elsewhere (no checkpoint, no held-out captions). Its "

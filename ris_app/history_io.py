@@ -112,3 +112,30 @@ def _finish(frame: pd.DataFrame) -> pd.DataFrame:
         if column not in frame:
             frame[column] = np.nan
     return frame[COLUMNS]
+
+
+# What a plausible value of each column is: losses are cross-entropies (>= 0), perplexities >= 1, an epoch takes
+# at most a year. Anything else comes from a bug or a hand edit: flagged, left out of charts and "best".
+PLAUSIBLE = {
+    "train_loss": (0.0, math.inf), "val_loss": (0.0, math.inf),
+    "train_perplexity": (1.0, math.inf), "val_perplexity": (1.0, math.inf),
+    "learning_rate": (0.0, math.inf), "seconds": (0.0, 365 * 86400.0), "samples_per_second": (0.0, math.inf),
+}
+
+
+def flag_implausible(frame: pd.DataFrame) -> pd.DataFrame:
+    """The history with implausible values (non-finite, negative losses, ...) blanked and a `flags` column
+    naming each one, so a table shows them and no chart draws them or marks them best."""
+    frame = frame.copy()
+    flags = [[] for _ in range(len(frame))]
+    for column, (low, high) in PLAUSIBLE.items():
+        if column not in frame:
+            continue
+        values = pd.to_numeric(frame[column], errors="coerce")
+        finite = np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+        bad = (~finite | (values < low) | (values > high)) & frame[column].notna()
+        for row in np.flatnonzero(bad.to_numpy()):
+            flags[row].append(f"{column} {frame[column].iloc[row]:.4g}")
+        frame.loc[bad, column] = np.nan
+    frame["flags"] = ["; ".join(f) for f in flags]
+    return frame

@@ -9,6 +9,7 @@ Heavy imports (torch, transformers) happen inside the loaders, so pages that nee
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import threading
 import time
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from ris_app.history_io import flag_implausible
 from ris_core.data import Catalog, load_catalog
 from ris_core.errors import ImageError, RunError
 from ris_core.evaluation import files as eval_files
@@ -73,7 +75,8 @@ def _history(path: str, version: tuple[int, ...]) -> pd.DataFrame:
     frame = Run(Path(path)).history()
     # A hand-edited or half-written history may hold text in numeric columns: show it as gaps, not a crash.
     frame = frame.apply(lambda column: pd.to_numeric(column, errors="coerce"))
-    return frame.dropna(subset=["epoch"]).sort_values("epoch").reset_index(drop=True)
+    frame = frame[np.isfinite(frame["epoch"].to_numpy(dtype=float, na_value=np.nan))]
+    return flag_implausible(frame.sort_values("epoch").reset_index(drop=True))
 
 
 def history(run: Run) -> pd.DataFrame:
@@ -219,23 +222,51 @@ def catalog_index(data_dir: Path, ids: list[int]):
     return _catalog_index(*data_key(data_dir), tuple(int(i) for i in ids))
 
 
-@st.cache_resource(show_spinner="Embedding the catalog images for the visual baseline (one time)...", max_entries=3)
+def _knn_sources(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
+                 ids: tuple[int, ...]) -> tuple[Path, Path]:
+    """(the run's evaluation index, this catalog's own cache file under .cache/knn/)."""
+    cached = Path.cwd() / KNN_CACHE_DIR / f"{digest(run_path, model_version, data_dir, data_version, ids)}.npz"
+    return Path(run_path) / "eval" / f"{eval_files.CATALOG_KNN}.npz", cached
+
+
+@st.cache_resource(show_spinner="Reading the catalog's image index...", max_entries=3)
 def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
                ids: tuple[int, ...]):
     from ris_core.search.image_knn import index_for_catalog
 
     cat = _catalog(data_dir, data_version)
-    model = _captioner(run_path, model_version)
-    cached = Path.cwd() / KNN_CACHE_DIR / f"{digest(run_path, model_version, data_dir, data_version, ids)}.npz"
-    return index_for_catalog(list(ids), cat.products, cat.image_path,
-                             lambda items: model.embed_paths(items, progress=False),
-                             evaluation_index=Path(run_path) / "eval" / f"{eval_files.CATALOG_KNN}.npz",
+    evaluation_index, cached = _knn_sources(run_path, model_version, data_dir, data_version, ids)
+    # Never embeds here (that is a job's work: `build_knn_index`); IndexNotBuilt is raised, and not cached.
+    return index_for_catalog(list(ids), cat.products, cat.image_path, evaluation_index=evaluation_index,
                              cache_path=cached)
 
 
 def knn_index(run: Run, data_dir: Path, ids: list[int]):
-    """The image-kNN baseline over the given catalog products, embedded with the run's encoder."""
+    """The image-kNN baseline over the given catalog products, embedded with the run's encoder; IndexNotBuilt
+    when no stored index covers them yet (start `build_knn_index` as a job)."""
     return _knn_index(*run_key(run), *data_key(data_dir), tuple(int(i) for i in ids))
+
+
+def build_knn_index(run: Run, data_dir: Path, ids: list[int], progress=None) -> None:
+    """Embed the catalog images with the run's encoder and store the index where `knn_index` reads it."""
+    from ris_core.search.image_knn import index_for_catalog
+
+    key = (*run_key(run), *data_key(data_dir), tuple(int(i) for i in ids))
+    cat, model = _catalog(*data_key(data_dir)), captioner(run)
+    evaluation_index, cached = _knn_sources(*key)
+    index_for_catalog(list(key[-1]), cat.products, cat.image_path,
+                      lambda items: model.embed_paths(items, progress=False, desc="embedding the catalog images",
+                                                      hook=progress),
+                      evaluation_index=evaluation_index, cache_path=cached)
+
+
+@st.cache_resource(show_spinner=False)
+def jobs():
+    """The server's background jobs (evaluations, catalog embeddings): at most RIS_MAX_JOBS at once."""
+    from ris_app.access import Access
+    from ris_core.jobs import Jobs
+
+    return Jobs(Path.cwd() / ".cache" / "jobs", max_jobs=Access.from_env().max_jobs)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -303,11 +334,17 @@ def thumb_uri(path: str | Path, side: int = 96) -> str | None:
     return None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _decoded(digest: str, _data: bytes):
+    return open_image(_data)
+
+
 def decode_upload(data: bytes):
-    """Bytes of an uploaded file -> RGB image; ImageError with a clear message for anything unusable."""
+    """Bytes of an uploaded file -> RGB image, decoded once per distinct file (keyed by its sha256; the image
+    is shared, so callers must not modify it); ImageError with a clear message for anything unusable."""
     if not data:
         raise ImageError("the uploaded file is empty")
-    return open_image(data)
+    return _decoded(hashlib.sha256(data).hexdigest(), data)
 
 
 __all__ = [

@@ -1,5 +1,7 @@
 """The shared sidebar: which run(s) and which data folder every page works on.
 
+The folders come from the operator (`ris_app.access`): runs under the run roots, data folders among the
+allowed ones. With RIS_OPEN_FOLDERS=1 (a local `make run`) the visitor may also type any folder.
 Widgets keep their value across pages through a shadow key (`_keep_<key>`): Streamlit drops a widget's
 state when the page that drew it is left, so each page restores it before drawing the same widget.
 """
@@ -12,9 +14,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from ris_core.data import DEFAULT_DATA_DIR
+from ris_app import loaders
+from ris_app.access import NOT_ALLOWED, Access
 from ris_core.evaluation.files import has_evaluation
-from ris_core.runs import RESULTS_DIR, Run, RunError, discover_runs
+from ris_core.runs import Run, RunError, discover_runs
 
 DEFAULT_RUN = "reference-cpu"  # the committed reference run, when present
 
@@ -26,6 +29,12 @@ class Selection:
     runs: list[Run]
     data_dir: Path
     available: list[Run]
+    access: Access | None = None
+
+    @property
+    def data_label(self) -> str:
+        """The data folder as a visitor may see it (its place under a root, not the server's path)."""
+        return self.access.label(self.data_dir) if self.access else str(self.data_dir)
 
     @property
     def run(self) -> Run | None:
@@ -54,10 +63,9 @@ def split_dirs(text: str | None) -> list[Path]:
 
 def run_label(run: Run, duplicate_names: set[str]) -> str:
     label = run.name if run.name not in duplicate_names else f"{run.name} ({run.path.parent.name})"
-    try:
-        info = run.info()
-    except RunError:
-        return f"{label} · unreadable run.json"
+    if problem(run):
+        return f"{label} · unreadable"
+    info = run.info()
     if info.get("reported_not_reproduced"):
         # An imported paper notebook: its history is the paper's reported numbers, its weights are real.
         return f"{label} · reported history, notebook weights" if run.has_checkpoint else f"{label} · reported"
@@ -109,30 +117,68 @@ def _through_dashboard() -> None:
         st.rerun()
 
 
+@st.cache_data(ttl=10, show_spinner=False, max_entries=16)
+def _discover(roots: tuple[str, ...], version: tuple[int, ...]) -> list[Run]:
+    """Runs under the roots: re-scanned when a root or one of its folders changes, else at most every 10 s."""
+    return discover_runs(*map(Path, roots))
+
+
+def runs_under(roots: list[Path]) -> list[Run]:
+    folders = [r for r in roots if r.is_dir()]
+    children = [c for r in folders for c in sorted(r.iterdir()) if c.is_dir()]
+    return _discover(tuple(str(r) for r in roots), loaders.stamp(*folders, *children))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _problem(run_path: str, version: tuple[int, ...]) -> str | None:
+    return Run(Path(run_path)).problem()
+
+
+def problem(run: Run) -> str | None:
+    """Why the run cannot be shown (a malformed run.json, history.csv or split.json), or None; cached per file."""
+    return _problem(str(run.path), loaders.stamp(*(run.path / f for f in ("run.json", "history.csv", "split.json"))))
+
+
+def _folder_fields(access: Access) -> tuple[list[Path], Path | None]:
+    """The "Folders" expander: (more run roots typed by the visitor, the chosen data folder or None)."""
+    if not access.open_folders:
+        choices = access.data_choices()
+        labels = {str(p): access.label(p) for p in choices}
+        _restore("sidebar_data_choice", str(choices[0]), valid=lambda v: v in labels)
+        chosen = st.selectbox("Data folder", list(labels), key="sidebar_data_choice", format_func=labels.get,
+                              on_change=_keep, args=("sidebar_data_choice",),
+                              help="The data folders this server offers (its operator sets RIS_DATA_DIR and "
+                                   "RIS_DATA_DIRS; runs come from RIS_RUNS_DIRS).")
+        return [], Path(chosen)
+    _restore("sidebar_runs_dirs", "")
+    extra = st.text_input(
+        "More run folders", key="sidebar_runs_dirs", on_change=_keep, args=("sidebar_runs_dirs",),
+        placeholder="/path/to/runs" + os.pathsep + "/other/runs",
+        help=f"Searched besides results/ (and RIS_RUNS_DIRS); separate folders with '{os.pathsep}'.",
+    )
+    _restore("sidebar_data_dir", str(access.default_data))
+    data_text = st.text_input(
+        "Data folder", key="sidebar_data_dir", on_change=_keep, args=("sidebar_data_dir",),
+        help="Kaggle layout: styles.csv beside images/<id>.jpg. Default: the bundled demo catalog "
+        "(RIS_DATA_DIR overrides).",
+    )
+    return split_dirs(extra), access.data_folder(data_text)
+
+
 def sidebar(multi: bool = False) -> Selection:
     """Draw the shared sidebar and return the chosen run(s) and data folder."""
     _through_dashboard()
-    env_dirs = os.environ.get("RIS_RUNS_DIRS", "")
-    env_data = os.environ.get("RIS_DATA_DIR", "").strip() or str(DEFAULT_DATA_DIR)
+    access = Access.from_env()
     with st.sidebar:
         # Folder settings first in the script (their values decide the run list), drawn below the run picker.
         run_box = st.container()
         with st.expander("Folders", expanded=False):
-            _restore("sidebar_runs_dirs", "")
-            extra = st.text_input(
-                "More run folders", key="sidebar_runs_dirs", on_change=_keep, args=("sidebar_runs_dirs",),
-                placeholder="/path/to/runs" + os.pathsep + "/other/runs",
-                help=f"Searched besides {RESULTS_DIR} (and RIS_RUNS_DIRS); separate folders with '{os.pathsep}'.",
-            )
-            _restore("sidebar_data_dir", env_data)
-            data_text = st.text_input(
-                "Data folder", key="sidebar_data_dir", on_change=_keep, args=("sidebar_data_dir",),
-                help="Kaggle layout: styles.csv beside images/<id>.jpg. Default: the bundled demo catalog "
-                "(RIS_DATA_DIR overrides).",
-            )
-        roots = [RESULTS_DIR, *split_dirs(env_dirs), *split_dirs(extra)]
-        missing = [str(p) for p in roots[1:] if not p.is_dir()]
-        available = discover_runs(*roots)
+            extra, data_dir = _folder_fields(access)
+            if data_dir is None:
+                st.warning(NOT_ALLOWED)
+        roots = [*access.runs_roots, *extra]
+        missing = [str(p) for p in extra if not p.is_dir()]
+        available = runs_under(roots)
         paths = [str(r.path) for r in available]
         by_path = dict(zip(paths, available, strict=True))
         names = [r.name for r in available]
@@ -145,7 +191,8 @@ def sidebar(multi: bool = False) -> Selection:
                 st.session_state["_keep_sidebar_run"] = match
         with run_box:
             if not available:
-                st.warning(f"No runs found under {RESULTS_DIR}. Train one (`make reference`) or add a folder below.")
+                st.warning("No runs found in this server's run folders. Train one (`make reference`)"
+                           + (" or add a folder below." if access.open_folders else "."))
                 chosen: list[str] = []
             elif multi:
                 single = st.session_state.get("_keep_sidebar_run") or default_single(available)
@@ -159,5 +206,6 @@ def sidebar(multi: bool = False) -> Selection:
                                        on_change=_keep, args=("sidebar_run",))]
             if missing:
                 st.caption("Not found: " + ", ".join(missing))
-    data_dir = Path(data_text.strip()).expanduser() if data_text and data_text.strip() else Path(env_data)
-    return Selection(runs=[by_path[p] for p in chosen if p in by_path], data_dir=data_dir, available=available)
+    return Selection(runs=[by_path[p] for p in chosen if p in by_path],
+                     data_dir=data_dir if data_dir is not None else access.default_data, available=available,
+                     access=access)

@@ -3,6 +3,7 @@ result-refinement controls and its before/after view."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import pandas as pd
@@ -31,6 +32,13 @@ def short(text: object, limit: int = 48) -> str:
 def md(text: object) -> str:
     """Any text (a product name, a generated caption) escaped for markdown, whole."""
     return short(text, limit=100_000)
+
+
+def say(error: object) -> str:
+    """An error for a visitor: server paths replaced (on a shared server, `ris_app.access`), markdown escaped."""
+    from ris_app.access import Access
+
+    return md(Access.from_env().public(error))
 
 
 def show_image(source: str, width: int = CARD_WIDTH) -> None:
@@ -116,3 +124,25 @@ def refined_grid(outcome, ms: float, products: pd.DataFrame | None = None, query
         st.caption(f"Not refined: #{result.rank} {short(result.title, 30)} ({short(why, 120)})"
                    + (f" and {len(outcome.failures) - 1} more" if len(outcome.failures) > 1 else ""))
     return relevant if judged else None
+
+
+def job_progress(key: str, label: str):
+    """The background job `key`'s status; while it runs, a progress bar that refreshes itself and reruns the
+    page once the job has finished (so every visitor of the page sees the same job, none starts another)."""
+    from ris_app import loaders
+
+    status = loaders.jobs().status(key)
+    if status.running:
+        _follow(key, label)
+    return status
+
+
+@st.fragment(run_every=1.5)
+def _follow(key: str, label: str) -> None:
+    from ris_app import loaders
+
+    status = loaders.jobs().status(key)
+    if not status.running:
+        st.rerun()
+    step = f"{status.stage}: {status.done:,} of {status.total:,}" if status.total else "starting"
+    st.progress(status.fraction, text=f"{label} · {md(step)} · {time.time() - status.started:.0f} s")

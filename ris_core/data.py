@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ris_core.errors import DataError
+from ris_core.errors import DataError, RunError
 from ris_core.files import write_json_atomic
+from ris_core.schema import IDS, problems
 
 COLUMNS = [
     "id", "gender", "masterCategory", "subCategory", "articleType",
@@ -195,19 +196,61 @@ class Split:
 
     @classmethod
     def load(cls, path: Path) -> Split:
-        return cls(**json.loads(Path(path).read_text()))
+        """A split.json written by `save`; RunError when it is unreadable or not a split."""
+        path = Path(path)
+        where = f"{path.parent.name}/{path.name}"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunError(f"{where} is unreadable ({type(err).__name__}); re-run training") from err
+        spec = {"seed": int, "val_fraction": float, "train_ids": IDS, "val_ids": IDS}
+        wrong = problems(raw, spec, where) or [f"{where} lacks {k}" for k in spec if k not in raw]
+        if wrong:
+            raise RunError(f"{where} is not a split: {'; '.join(wrong[:3])}")
+        return cls(**{k: raw[k] for k in spec})
 
 
-def make_split(ids: list[int] | np.ndarray, val_fraction: float = 0.1, seed: int = 0) -> Split:
-    """A seeded random split of product ids; the same ids and seed give the same split."""
+SPLIT_BY = ("product", "name")
+
+
+def make_split(ids: list[int] | np.ndarray, val_fraction: float = 0.1, seed: int = 0,
+               groups: list[str] | None = None) -> Split:
+    """A seeded split of product ids; the same ids (and groups) and seed give the same split.
+
+    Without `groups`, a random split of products (as the paper's). With `groups` (one key per id, e.g. the
+    normalised product name), whole groups are held out until `val_fraction` of the products are: products
+    sharing a name never straddle train and validation, so every held-out name is novel to the model."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    ids = np.sort(np.asarray(ids, dtype=np.int64))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_val = max(1, round(len(ids) * val_fraction))
-    val = np.sort(ids[order[:n_val]])
-    train = np.sort(ids[order[n_val:]])
-    return Split(seed=seed, val_fraction=val_fraction, train_ids=train.tolist(), val_ids=val.tolist())
+    ids = np.asarray(ids, dtype=np.int64)
+    if groups is None:
+        ids = np.sort(ids)
+        order = np.random.default_rng(seed).permutation(len(ids))
+        n_val = max(1, round(len(ids) * val_fraction))
+        val = np.sort(ids[order[:n_val]])
+        train = np.sort(ids[order[n_val:]])
+        return Split(seed=seed, val_fraction=val_fraction, train_ids=train.tolist(), val_ids=val.tolist())
+    if len(groups) != len(ids):
+        raise ValueError(f"{len(groups)} group keys for {len(ids)} ids")
+    by_id = sorted(zip(ids.tolist(), groups, strict=True))
+    members: dict[str, list[int]] = {}
+    for pid, key in by_id:
+        members.setdefault(key, []).append(pid)
+    keys = sorted(members)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    target, val = max(1, round(len(ids) * val_fraction)), []
+    for index in order:
+        if len(val) >= target:
+            break
+        val += members[keys[index]]
+    held = set(val)
+    train = [pid for pid, _ in by_id if pid not in held]
+    return Split(seed=seed, val_fraction=val_fraction, train_ids=train, val_ids=sorted(val))
+
+
+def name_key(name: object) -> str:
+    """The form of a product name two products "share": case and spacing folded (an empty name is its own key)."""
+    return " ".join(str(name or "").split()).lower()
 
 
 def fingerprint(ids: list[int] | np.ndarray) -> dict:
@@ -218,5 +261,5 @@ def fingerprint(ids: list[int] | np.ndarray) -> dict:
 
 def verbatim_overlap(train_names: list[str], val_names: list[str]) -> float:
     """Share of held-out names that occur verbatim among training names (a leakage figure)."""
-    seen = {n.strip().lower() for n in train_names}
-    return float(np.mean([n.strip().lower() in seen for n in val_names])) if val_names else 0.0
+    seen = {name_key(n) for n in train_names}
+    return float(np.mean([name_key(n) in seen for n in val_names])) if val_names else 0.0

@@ -12,11 +12,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ris_core.errors import ImageError
 
 MAX_PIXELS = 40_000_000  # a 100-megapixel upload is refused before it is decoded
+MAX_ASPECT = 25.0  # a 1 x 40,000,000 strip fits the pixel budget but is no photo (and costs gigabytes to pad)
 BACKGROUND = (255, 255, 255)  # product photos are shot on white; pad with the same
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode to RGB, first frame only, alpha flattened onto white, 16-bit and CMYK converted."""
+def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS,
+               max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """Decode to RGB, first frame only, alpha flattened onto white, 16-bit and CMYK converted.
+
+    The declared size is checked before any pixel is decoded: over `max_pixels`, or longer than `max_aspect`
+    times its width (or height), the file is refused with ImageError."""
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
         stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
@@ -32,6 +37,8 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
                     f"{name}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
                     f"{max_pixels / 1e6:.0f}-megapixel limit; downscale it first"
                 )
+            if min(width, height) >= 1 and max(width, height) > max_aspect * min(width, height):
+                raise ImageError(f"{name}: {width}x{height} is not a photo's shape (sides over {max_aspect:.0f}:1)")
             image.seek(0)  # animated GIF/WebP: the first frame
             image.load()
         except ImageError:

@@ -9,6 +9,7 @@ The decoder is either a Hub GPT-2 (`gpt2`) or a GPT-2 of the given shape trained
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import (
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
     ViTConfig,
     ViTImageProcessorPil,
@@ -134,6 +136,73 @@ def save_captioner(model: VisionEncoderDecoderModel, spec: ModelSpec, out_dir: P
     image_processor(spec).save_pretrained(out_dir)
 
 
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                           "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100 * 2**20
+MAX_PARAMETERS = 3_000_000_000  # a config asking for more is refused before anything is allocated
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a .safetensors header, checked against the file's size before any tensor is read:
+    a truncated, forged or sparse-padded file is refused here instead of allocating what its header declares."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path.name} is not a safetensors file (its header does not fit the file)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path.name}: unreadable safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: the safetensors header is not a JSON object")
+    data_bytes, shapes = size - 8 - length, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(o) for o in entry["data_offsets"])
+            nbytes = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path.name}: malformed entry for tensor {name!r} ({err})") from err
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= data_bytes or end - start != nbytes:
+            raise CheckpointError(f"{path.name}: tensor {name!r} declares {nbytes:,} bytes at {start:,}-{end:,}, "
+                                  f"but the file holds {data_bytes:,} bytes of data: truncated or forged")
+        shapes[name] = shape
+    return shapes
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes the config describes, built without allocating them (accelerate's empty weights)."""
+    from accelerate import init_empty_weights
+
+    try:
+        vision_config = VisionEncoderDecoderConfig.from_dict(config)
+        # parameters on the meta device only: tensors created elsewhere (caches, buffers) stay real
+        with init_empty_weights(include_buffers=False):
+            model = VisionEncoderDecoderModel(config=vision_config)
+    except Exception as err:  # transformers raises many types for configs it cannot build
+        raise CheckpointError(f"config.json does not describe a model transformers can build ({err})") from err
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if sum(math.prod(s) for s in shapes.values()) > MAX_PARAMETERS:
+        raise CheckpointError(f"config.json describes a model of over {MAX_PARAMETERS:,} parameters: refused")
+    return shapes
+
+
+def check_weights(model_dir: Path, config: dict) -> None:
+    """Every stored tensor is one the config's model has, with its shape (before loading any of them)."""
+    expected = expected_shapes(config)
+    for path in sorted(model_dir.glob("*.safetensors")):
+        for name, shape in safetensors_shapes(path).items():
+            if name in expected and expected[name] != shape:
+                raise CheckpointError(f"{path.name}: tensor {name} has shape {list(shape)}, the config's model "
+                                      f"expects {list(expected[name])}: weights and config.json do not belong together")
+            if name not in expected:
+                raise CheckpointError(f"{path.name}: tensor {name} is not part of the model config.json describes")
+
+
 def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpec]:
     """Load a saved captioner in fp32 for CPU inference, or raise CheckpointError saying what is wrong."""
     model_dir = Path(model_dir)
@@ -144,14 +213,23 @@ def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpe
         )
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{config_path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} holds a JSON {type(config).__name__}, not a model config object")
     if config.get("model_type") != "vision-encoder-decoder":
         raise CheckpointError(
             f"{model_dir} holds a '{config.get('model_type')}' model, not a vision-encoder-decoder captioner"
         )
     if not any(model_dir.glob("*.safetensors")):
         raise CheckpointError(f"{model_dir} has no .safetensors weights")
+    spec_fields = config.get("ris_model_spec", {})
+    if not isinstance(spec_fields, dict) or not set(spec_fields) <= set(ModelSpec.__dataclass_fields__):
+        raise CheckpointError(f"{config_path}: ris_model_spec is not a model spec of this version")
+    try:
+        check_weights(model_dir, config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{model_dir}: {err}") from err
     try:
         model, loading = VisionEncoderDecoderModel.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
@@ -166,7 +244,10 @@ def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpe
             f"{model_dir}: the weights file lacks {len(missing)} tensors (e.g. {missing[0]}); it is incomplete"
         )
     model.eval()
-    spec = ModelSpec(**config.get("ris_model_spec", {}))
+    try:
+        spec = ModelSpec(**spec_fields)
+    except TypeError as err:
+        raise CheckpointError(f"{config_path}: ris_model_spec does not fit this version ({err})") from err
     return model, spec
 
 

@@ -11,6 +11,7 @@ results/runs/<name>/
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import pandas as pd
 from ris_core.data import Split
 from ris_core.errors import RunError
 from ris_core.files import write_csv_atomic
+from ris_core.schema import problems
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
@@ -38,6 +40,17 @@ def git_commit() -> str | None:
         return None
     # Outside a repo, or before the first commit, git prints "HEAD" and fails: record nothing rather than that.
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+# What run.json's fields must be when present (the app reads these; the rest is only recorded).
+RUN_INFO = {
+    "name": str, "kind": str, "status": str, "note": str, "preset": str, "started": str, "finished": str,
+    "source": (str, dict), "model": str, "git_commit": (str, None), "epochs_done": int, "best_epoch": (int, None),
+    "best_val_loss": (float, None), "best_val_perplexity": (float, None), "parameters": int,
+    "trainable_parameters": int, "reported_not_reproduced": bool, "args": dict, "notes": list,
+    "data": {"data_dir": (str, None), "train": int, "val": int, "rows": int, "dataset": str},
+    "model_spec": {"encoder": str, "decoder": str, "image_size": int, "n_layer": int, "n_embd": int, "n_head": int},
+}
 
 
 @dataclass
@@ -71,12 +84,30 @@ class Run:
         return (self.model_dir / "config.json").is_file() or (self.path / "notebook" / "config.json").is_file()
 
     def info(self) -> dict:
+        """run.json as an object whose known fields have their types ({} when absent); RunError otherwise."""
         if not self.info_path.is_file():
             return {}
         try:
-            return json.loads(self.info_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise RunError(f"{self.info_path} is unreadable ({err}); re-run training or delete the run") from err
+            info = json.loads(self.info_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunError(f"{self.name}/run.json is unreadable ({type(err).__name__}); re-run training or delete "
+                           "the run") from err
+        wrong = problems(info, RUN_INFO, "run.json")
+        if wrong:
+            raise RunError(f"{self.name}/run.json is malformed: {'; '.join(wrong[:3])}")
+        return info
+
+    def problem(self) -> str | None:
+        """Why this run cannot be shown (malformed run.json, history.csv or split.json), or None."""
+        try:
+            self.info()
+            if (self.path / "history.csv").is_file():
+                self.history()
+            if (self.path / "split.json").is_file():
+                self.split()
+        except RunError as err:
+            return str(err)
+        return None
 
     @property
     def reported_only(self) -> bool:
@@ -89,7 +120,7 @@ class Run:
     def split(self) -> Split:
         path = self.path / "split.json"
         if not path.is_file():
-            raise RunError(f"{self.path} has no split.json: it cannot say which products were held out")
+            raise RunError(f"{self.name} has no split.json: it cannot say which products were held out")
         return Split.load(path)
 
 
@@ -116,15 +147,26 @@ def upsert_history_row(path: Path, row: dict) -> pd.DataFrame:
     return frame
 
 
-def discover_runs(*roots: Path) -> list[Run]:
-    """Every folder under the roots holding a run.json or history.csv, sorted by name."""
+SKIPPED_FOLDERS = {"eval", "eval.partial", "eval.old", "checkpoints", "model", "notebook", "node_modules",
+                   "__pycache__", "proc", "sys", "dev"}
+
+
+def discover_runs(*roots: Path, max_depth: int = 4, max_folders: int = 2_000) -> list[Run]:
+    """Every folder under the roots holding a run.json or history.csv, sorted by name.
+
+    The walk is bounded (`max_depth` levels, `max_folders` folders, hidden and bulky folders skipped), so a
+    root like `/` costs milliseconds, not seconds."""
     found: dict[Path, Run] = {}
+    visited = 0
     for root in roots or (RESULTS_DIR,):
         root = Path(root)
         if not root.is_dir():
             continue
-        for marker in [*root.rglob("run.json"), *root.rglob("history.csv")]:
-            if "eval" in marker.parts or "checkpoints" in marker.parts:
-                continue
-            found[marker.parent.resolve()] = Run(marker.parent)
+        for folder, dirs, names in os.walk(root):
+            visited += 1
+            depth = len(Path(folder).relative_to(root).parts)
+            if "run.json" in names or "history.csv" in names:
+                found[Path(folder).resolve()] = Run(Path(folder))
+            dirs[:] = [] if depth >= max_depth or visited >= max_folders else sorted(
+                d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS)
     return sorted(found.values(), key=lambda r: r.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tiny_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def background_jobs_finish():
+    """A page may start a background job (ris_core.jobs); it finishes inside the test that started it, so no
+    thread of one test writes into another test's captured output or files."""
+    yield
+    for thread in threading.enumerate():
+        if thread.name.startswith("job-"):
+            thread.join(timeout=600)
 
 
 @pytest.fixture(scope="session")

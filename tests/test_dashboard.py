@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -212,7 +213,7 @@ def test_training_curves_show_each_runs_status_and_note(runs_root, tmp_path, mon
     assert_clean(at)
     summary = at.dataframe[0].value.set_index("run")
     assert summary.loc["ablation", "status"] == "stopped" and summary.loc["evaluated", "status"] == "complete"
-    assert any("**ablation**: Dropout 0.25; stopped by hand" in c.value for c in at.caption)
+    assert any(r"**ablation**: Dropout 0\.25; stopped by hand" in c.value for c in at.caption)  # as text
     assert not any("**evaluated**" in c.value for c in at.caption)  # no note, no line
 
 
@@ -227,12 +228,12 @@ def test_training_curves_open_trainer_state_and_reject_garbage(runs_root):
     at.file_uploader(key="curves_upload").set_value(
         ("trainer_state.json", json.dumps(state).encode(), "application/json")).run()
     assert_clean(at)
-    assert any("trainer_state.json" in s.value for s in at.success)
+    assert any(r"trainer\_state\.json" in s.value for s in at.success)  # the file's name, as text
     assert "trainer_state.json" in set(at.dataframe[1].value["run"])
 
     at.file_uploader(key="curves_upload").set_value(("notes.csv", b"\x00\x01garbage\xff", "text/csv")).run()
     assert_clean(at)
-    assert at.error and "notes.csv" in at.error[0].value
+    assert at.error and r"notes\.csv" in at.error[0].value
 
 
 def test_history_parsers_accept_aliases_and_explain_failures():
@@ -294,10 +295,16 @@ def test_caption_quality_empty_state_then_evaluate_button(runs_root):
     at = app("pages/caption_quality.py", run=runs_root / "fresh")
     assert_clean(at)
     assert "no caption evaluation yet" in texts(at)
-    at.button(key="quality_evaluate").click().run()
+    at.button(key="quality_evaluate").click().run()  # starts a background job; the page follows its progress
     assert_clean(at)
     assert not at.error, [e.value for e in at.error]
+    deadline = time.time() + 300
+    while not (runs_root / "fresh" / "eval" / "caption_metrics.json").is_file() and time.time() < deadline:
+        time.sleep(0.2)
     assert (runs_root / "fresh" / "eval" / "caption_metrics.json").is_file()
+    time.sleep(0.5)  # the job records "done" right after swapping eval/ in
+    at.run()
+    assert_clean(at)
     assert any(m.label == "BLEU-4" for m in at.metric)
 
 
@@ -480,8 +487,8 @@ def test_search_demo_unavailable_backend_message_is_one_line(runs_root):
         at.radio(key="demo_backend").set_value("duckduckgo").run()
     assert_clean(at)
     assert [w.value for w in at.warning] == [
-        "DuckDuckGo is not available (DuckDuckGo is unreachable (DNSError); use the local catalog or replay mode); "
-        "showing local catalog results instead."]
+        "DuckDuckGo is not available (DuckDuckGo is unreachable \\(DNSError\\); use the local catalog or replay "
+        "mode); showing local catalog results instead."]  # one line, its text escaped (never markdown)
 
 
 def test_search_demo_refines_web_and_visual_results_with_failures_counted(runs_root):
@@ -523,7 +530,7 @@ def test_search_demo_refines_web_and_visual_results_with_failures_counted(runs_r
         assert "dropped 0" not in texts(at)
 
 
-def test_imported_paper_notebook_run_has_a_checkpoint(runs_root, tmp_path, monkeypatch):
+def test_imported_paper_notebook_run_has_a_checkpoint(runs_root, tiny_catalog, tmp_path, monkeypatch):
     from ris_core.paper_notebook import NotebookCaptioner, NotebookCaptionerConfig, save_notebook_dir
 
     run = tmp_path / "runs" / "paper-notebook"
@@ -533,6 +540,12 @@ def test_imported_paper_notebook_run_has_a_checkpoint(runs_root, tmp_path, monke
     (run / "run.json").write_text(json.dumps({"kind": "paper-notebook", "reported_not_reproduced": True}))
     (run / "history.csv").write_text("epoch,val_loss,val_perplexity\n5,1.156,3.18\n")
     monkeypatch.setenv("RIS_RUNS_DIRS", str(tmp_path / "runs"))
+    from ris_app import loaders
+    from ris_core.data import load_catalog
+    from ris_core.runs import Run
+
+    train_ids = loaders.training_ids(Run(run), load_catalog(tiny_catalog).products)
+    loaders.build_knn_index(Run(run), tiny_catalog, train_ids)  # what the demo's background job does
 
     at = app("pages/search_demo.py", run=run)
     assert_clean(at)
@@ -575,7 +588,7 @@ def test_bad_runs_show_messages_and_change_nothing_on_disk(monkeypatch, broken_r
     at = app("pages/training_curves.py",
              runs=[broken_runs / "corrupt-model", broken_runs / "bad-history", broken_runs / "text-history"])
     assert_clean(at)
-    assert any("bad-history" in w.value for w in at.warning)
+    assert any(r"bad\-history" in w.value for w in at.warning)
     assert set(at.dataframe[1].value["run"]) == {"corrupt-model", "text-history"}  # text cells become gaps
 
     corrupt = broken_runs / "corrupt-model"
@@ -635,10 +648,11 @@ def test_widget_keys_are_unique_across_pages():
 
 
 def test_visual_index_is_embedded_once_then_read_from_disk(runs_root, tiny_catalog, tmp_path):
-    """A fresh clone has no evaluation index: the demo embeds the catalog once, later servers read it back."""
+    """A fresh clone has no evaluation index: a job embeds the catalog once, later servers read it back."""
     from ris_app import loaders
     from ris_core.captioning import CaptionerBase
     from ris_core.runs import Run
+    from ris_core.search.image_knn import IndexNotBuilt
 
     run = Run(tmp_path / "run")  # without eval/, whose index would be reused instead
     shutil.copytree(runs_root / "fresh", run.path, ignore=shutil.ignore_patterns("eval"))
@@ -651,12 +665,18 @@ def test_visual_index_is_embedded_once_then_read_from_disk(runs_root, tiny_catal
 
     loaders._knn_index.clear()  # other tests' sessions share this process's cache
     with mock.patch.object(CaptionerBase, "embed_paths", counting):
+        with pytest.raises(IndexNotBuilt):
+            loaders.knn_index(run, tiny_catalog, ids)  # a page never embeds inside a visitor's request
+        loaders.build_knn_index(run, tiny_catalog, ids)
         first = loaders.knn_index(run, tiny_catalog, ids)
         loaders._knn_index.clear()  # a new server process
         again = loaders.knn_index(run, tiny_catalog, ids)
         assert len(calls) == 1 and list(again.ids) == list(first.ids) == ids
         np.testing.assert_array_equal(again.vectors, first.vectors)
         [saved] = (tmp_path / loaders.KNN_CACHE_DIR).glob("*.npz")
-        saved.write_bytes(b"torn")  # a kill mid-write elsewhere: embed afresh, no error
+        saved.write_bytes(b"torn")  # a kill mid-write elsewhere: built again, no error
         loaders._knn_index.clear()
+        with pytest.raises(IndexNotBuilt):
+            loaders.knn_index(run, tiny_catalog, ids)
+        loaders.build_knn_index(run, tiny_catalog, ids)
         assert list(loaders.knn_index(run, tiny_catalog, ids).ids) == ids and len(calls) == 2

@@ -139,19 +139,20 @@ def resumed_evaluation(tiny_run, tiny_catalog, tmp_path_factory) -> tuple[Path, 
     left behind."""
     run = shutil.copytree(tiny_run, tmp_path_factory.mktemp("eval_kill") / "run",
                           ignore=shutil.ignore_patterns("checkpoints", "eval"))
-    eval_dir = run / "eval"
+    work = run / "eval.partial"  # where an evaluation writes before swapping the finished set in as eval/
     args = ["--run", str(run), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50"]
     moments = [  # each rerun gets one stage further, then is killed inside the next one
-        ("captioning", lambda: eval_dir.is_dir() and not (eval_dir / "state.json").exists()),
-        ("embedding the catalog", lambda: (eval_dir / "state.json").exists()
-         and not (eval_dir / "catalog_knn.npz").exists()),
-        ("searching", lambda: (eval_dir / "caption_metrics.json").exists()
-         and not (eval_dir / "retrieval.json").exists()),
+        ("captioning", lambda: work.is_dir() and not (work / "state.json").exists()),
+        ("embedding the catalog", lambda: (work / "state.json").exists()
+         and not (work / "catalog_knn.npz").exists()),
+        ("searching", lambda: (work / "caption_metrics.json").exists()
+         and not (work / "retrieval.json").exists()),
     ]
     left = []
     for name, condition in moments:
         assert kill_when(start("training.evaluate", args), condition), f"evaluation ended before {name}"
-        left.append(f"{name}: {sorted(p.name for p in eval_dir.iterdir())}")
+        assert not (run / "eval").exists(), f"killed while {name}: eval/ appeared before the set was complete"
+        left.append(f"{name}: {sorted(p.name for p in work.iterdir())}")
     done = finish("training.evaluate", args)
     assert done.returncode == 0, done.stderr[-1500:]
     return run, left

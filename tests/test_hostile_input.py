@@ -109,6 +109,9 @@ UNUSABLE = [
     # a real one: 49 megapixels of 1-bit zeros compress to a few kB; our own limit must refuse it
     ("bomb_1bit_7000.png", lambda: encode(Image.new("1", (7_000, 7_000)), "PNG", optimize=True),
      r"49 megapixels, over the 40-megapixel limit"),
+    # within the pixel budget but no photo: padding it square would cost gigabytes (it once did)
+    ("strip_1x39999.png", lambda: encode(Image.new("RGB", (1, 39_999), (9, 9, 9)), "PNG"), r"not a photo's shape"),
+    ("strip_1x40m_header.png", lambda: png_header(1, 40_000_000), r"not a photo's shape"),
 ]
 
 
@@ -162,7 +165,7 @@ DECODABLE = [
     ("palette_transparent.png", palette_with_transparency, (30, 30),
      [((0, 0), (255, 255, 255)), ((15, 15), (255, 0, 0))]),
     ("exif_rotated.jpg", rotated_exif_jpeg, (10, 20), []),
-    ("tall_1x39999.png", lambda: encode(Image.new("RGB", (1, 39_999), (9, 9, 9)), "PNG"), (1, 39_999), []),
+    ("tall_25x600.png", lambda: encode(Image.new("RGB", (25, 600), (9, 9, 9)), "PNG"), (25, 600), []),  # 24:1
 ]
 
 
@@ -365,9 +368,9 @@ def damaged_model(tiny_run: Path, dest: Path, damage: str) -> Path:
 
 
 CHECKPOINT_DAMAGE = [
-    ("truncated_in_data", r"weights could not be loaded"),
-    ("truncated_in_header", r"weights could not be loaded"),
-    ("zero_byte_weights", r"weights could not be loaded"),
+    ("truncated_in_data", r"truncated or forged"),  # the header's offsets run past the end of the file
+    ("truncated_in_header", r"not a safetensors file"),
+    ("zero_byte_weights", r"not a safetensors file"),
     ("no_weights", r"no \.safetensors weights"),
     ("missing_config", r"no config\.json"),
     ("config_not_json", r"not valid JSON"),

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from transformers import HfArgumentParser
 
-from ris_core.data import DEFAULT_DATA_DIR
+from ris_core.data import DEFAULT_DATA_DIR, SPLIT_BY
 from ris_core.modeling import ModelSpec
 from ris_core.runs import RESULTS_DIR
 
@@ -70,6 +70,9 @@ class DataArguments:
     data_dir: str = field(default=str(DEFAULT_DATA_DIR), metadata={"help": "Kaggle layout: styles.csv + images/"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of product ids held out"})
     split_seed: int = field(default=0, metadata={"help": "changes which products are held out"})
+    split_by: str = field(default="product", metadata={
+        "help": "product: a random split of products (the paper's); name: products sharing a productDisplayName "
+                "never straddle train and validation, so held-out names are novel (measures generalisation)"})
     max_products: int | None = field(default=None, metadata={"help": "use only the first N products (smoke tests)"})
     max_caption_tokens: int = field(default=48, metadata={"help": "GPT-2 tokens per caption, EOS included"})
     cache_dir: str = field(default=".cache", metadata={"help": "where decoded images and encoder maps are cached"})
@@ -115,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         model_args.source_max_side = None
     if run_args.precision not in ("fp32", "bf16", "fp16"):
         raise SystemExit(f"error: --precision must be fp32, bf16 or fp16, not {run_args.precision!r}")
+    if data_args.split_by not in SPLIT_BY:
+        raise SystemExit(f"error: --split_by must be one of {', '.join(SPLIT_BY)}, not {data_args.split_by!r}")
     if run_args.cache_features and model_args.encoder != "mobilenet_v2":
         raise SystemExit("error: --cache_features needs the frozen mobilenet_v2 encoder; pass --cache_features false")
     return model_args, data_args, run_args

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, VisionEnco
 from transformers.modeling_outputs import Seq2SeqLMOutput
 from transformers.trainer_utils import get_last_checkpoint
 
-from ris_core.data import DataError, Split, fingerprint, load_catalog, make_split, verbatim_overlap
+from ris_core.data import DataError, Split, fingerprint, load_catalog, make_split, name_key, verbatim_overlap
 from ris_core.files import write_json_atomic
 from ris_core.modeling import (
     HubUnavailable,
@@ -40,7 +40,7 @@ logger = logging.getLogger("training.train")
 # fields that may differ between the command that started a run and the one that resumes it
 RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name"}
 # arguments added after runs were already recorded, with the value those older runs implicitly used
-ADDED_SINCE = {"flip_p": 0.0}
+ADDED_SINCE = {"flip_p": 0.0, "split_by": "product"}  # what a run recorded before an argument existed used
 
 
 class TrainableCaptioner(VisionEncoderDecoderModel):
@@ -202,6 +202,7 @@ def open_run_dir(run_dir: Path, resolved: dict) -> bool:
         import json
 
         saved = {**ADDED_SINCE, **json.loads(info_path.read_text()).get("args", {})}
+        resolved = {**ADDED_SINCE, **resolved}  # an argument added since counts as its old value on both sides
         differ = sorted(k for k in set(saved) | set(resolved)
                         if k not in RESUME_MAY_DIFFER and saved.get(k) != resolved.get(k))
         if differ:
@@ -246,8 +247,10 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         pixels, kept, broken = decode_images(catalog, ids, spec)
     split_path = run_dir / "split.json"
+    groups = ([name_key(n) for n in catalog.products.loc[kept, "productDisplayName"]]
+              if data_args.split_by == "name" else None)
     split = Split.load(split_path) if resuming and split_path.is_file() else make_split(
-        kept, data_args.val_fraction, data_args.split_seed)
+        kept, data_args.val_fraction, data_args.split_seed, groups=groups)
     split.save(split_path)
 
     # 5. Tokenize captions (GPT-2 BPE + EOS) and assemble the datasets

@@ -7,11 +7,18 @@ Outputs (committed with a run, read by the dashboard and `training.report`): `ca
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
+from ris_core.schema import problems as type_problems
+from ris_core.schema import without_problems
 
 CAPTIONS = "captions.csv"
 CAPTION_METRICS = "caption_metrics.json"
@@ -24,6 +31,20 @@ VAL_EMBEDDINGS = "val_embeddings.npy"
 CATALOG_KNN = "catalog_knn"  # .npz (arrays) + .json (names, paths)
 REFINE_CACHE = "refine_cache.sqlite"
 
+# What the summaries' fields must be (checked on reading: a field of the wrong type is dropped and reported).
+_SCORES = {name: float for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "brevity_penalty", "exact_match",
+                                    "last_two_match", "last_word_match", "loss", "perplexity", "sentence_bleu_mean",
+                                    "visual_weight", "length_weight", "generated_margin")}
+DECODING_SPEC = {**_SCORES, "n": int, "k": int, "num_beams": int, "mirror": bool}
+CAPTION_METRICS_SPEC = {"run": str, "data_dir": str, "n_scored": int, "n_skipped": int,
+                        "n_missing_from_data_dir": int, "num_beams": int, "images_per_second": float,
+                        "catalog_size": int, "model": DECODING_SPEC, "nn_caption_baseline": DECODING_SPEC,
+                        "reranked": DECODING_SPEC}
+RETRIEVAL_SPEC = {"run": str, "catalog": str, "k": int, "n_boot": int, "n_queries": int, "catalog_size": int,
+                  "rows": list, "paired": list}
+_METRICS = ("p_at_1", "p_at_5", "p_at_10", "mrr", "ndcg_at_10", "zero_hit")
+ROW_SPEC = {"strategy": str, "source": str, "level": str, "n": int,
+            **{m: float for m in _METRICS}}
 CAPTION_COLUMNS = {"id", "reference", "generated"}
 RETRIEVAL_COLUMNS = {"id", "strategy", "source"}
 TEXT_COLUMNS = ("reference", "generated", "reranked", "nn_caption")
@@ -78,12 +99,41 @@ def _read_csv(path: Path, required: set[str], problems: list[str]) -> pd.DataFra
     return frame
 
 
+def _checked(document: dict | None, spec: dict, name: str, problems: list[str]) -> dict | None:
+    """The document without its wrongly typed fields; what was dropped goes into `problems`."""
+    if document is None:
+        return None
+    clean, dropped = without_problems(document, spec)
+    if dropped:
+        problems.append(f"{name}: ignored {len(dropped)} malformed field(s) ({'; '.join(dropped[:2])}); "
+                        "re-run the evaluation")
+    return clean
+
+
+def _good_row(row: object) -> bool:
+    if not isinstance(row, dict) or type_problems(row, ROW_SPEC) or not {"strategy", "source", "level"} <= set(row):
+        return False
+    intervals = [row[k] for k in row if k.endswith("_ci")]
+    return all(isinstance(ci, list) and len(ci) == 2 and not type_problems({"a": ci[0], "b": ci[1]},
+                                                                        {"a": float, "b": float})
+               for ci in intervals)
+
+
 def read_summaries(eval_dir: Path) -> tuple[dict | None, dict | None, list[str]]:
-    """(caption_metrics.json, retrieval.json, problems): an evaluation without its large tables."""
-    problems: list[str] = []
+    """(caption_metrics.json, retrieval.json, problems): an evaluation without its large tables, every field
+    checked by type (a malformed one is left out and named in `problems`)."""
+    found: list[str] = []
     root = Path(eval_dir)
-    metrics = read_json_object(root / CAPTION_METRICS, problems)
-    return metrics, read_json_object(root / RETRIEVAL_SUMMARY, problems), problems
+    metrics = _checked(read_json_object(root / CAPTION_METRICS, found), CAPTION_METRICS_SPEC, CAPTION_METRICS, found)
+    summary = _checked(read_json_object(root / RETRIEVAL_SUMMARY, found), RETRIEVAL_SPEC, RETRIEVAL_SUMMARY, found)
+    if summary is not None:
+        rows = summary.get("rows", [])
+        summary["rows"] = [r for r in rows if _good_row(r)]
+        summary["paired"] = [p for p in summary.get("paired", []) if isinstance(p, dict)]
+        if len(summary["rows"]) < len(rows):
+            found.append(f"{RETRIEVAL_SUMMARY}: ignored {len(rows) - len(summary['rows'])} malformed row(s); "
+                         "re-run the evaluation")
+    return metrics, summary, found
 
 
 def read_evaluation(eval_dir: Path) -> Evaluation:
@@ -99,3 +149,75 @@ def read_evaluation(eval_dir: Path) -> Evaluation:
     metrics, summary, summary_problems = read_summaries(root)
     return Evaluation(captions=captions, caption_metrics=metrics, retrieval=retrieval, retrieval_summary=summary,
                       problems=problems + summary_problems)
+
+
+# ---------------------------------------------------------------- writing a new set: a private copy, swapped in
+
+PARTIAL = ".partial"  # eval.partial/: where an evaluation computes its new set (kept after a kill: keyed caches)
+OLD = ".old"  # eval.old/: the previous set, for the moment of the swap
+COPIED = {REFINE_CACHE}  # written in place (SQLite), so copied; every other file is only ever replaced whole
+
+
+def open_workspace(eval_dir: Path) -> Path:
+    """The folder an evaluation writes into: eval.partial/, seeded with hard links to eval/'s files.
+
+    Hard links are safe because every writer replaces files whole (a new inode); eval/ itself is never
+    written until `publish` swaps the finished set in. A workspace left by a killed evaluation is reused."""
+    eval_dir = Path(eval_dir)
+    recover(eval_dir)
+    work = eval_dir.with_name(eval_dir.name + PARTIAL)
+    if work.is_dir():
+        return work
+    fresh = Path(tempfile.mkdtemp(prefix=f".{work.name}.", dir=eval_dir.parent))
+    if eval_dir.is_dir():
+        for item in eval_dir.iterdir():
+            if not item.is_file() or item.is_symlink():
+                continue
+            if item.name in COPIED:
+                shutil.copy2(item, fresh / item.name)
+                continue
+            try:
+                os.link(item, fresh / item.name)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(item, fresh / item.name)
+    os.chmod(fresh, 0o755)
+    os.rename(fresh, work)
+    return work
+
+
+def publish(work: Path, eval_dir: Path) -> None:
+    """Make the finished `work` folder the evaluation: readers see the old set or the new one, never a mix.
+
+    On Linux one renameat2(RENAME_EXCHANGE) swaps the two folders; elsewhere two renames leave a moment with
+    no eval/ (never a mixed one), which `recover` repairs if a kill falls in between."""
+    work, eval_dir = Path(work), Path(eval_dir)
+    old = eval_dir.with_name(eval_dir.name + OLD)
+    shutil.rmtree(old, ignore_errors=True)
+    if not eval_dir.exists():
+        os.rename(work, eval_dir)
+        return
+    if _exchange(work, eval_dir):
+        os.rename(work, old)  # the exchanged folder now holds the previous set
+    else:
+        os.rename(eval_dir, old)
+        os.rename(work, eval_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(eval_dir: Path) -> None:
+    """Undo a swap cut short between its two renames: the previous set comes back as eval/."""
+    eval_dir = Path(eval_dir)
+    old = eval_dir.with_name(eval_dir.name + OLD)
+    if not eval_dir.exists() and old.is_dir():
+        os.rename(old, eval_dir)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

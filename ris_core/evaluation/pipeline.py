@@ -3,7 +3,9 @@
     from ris_core.evaluation.pipeline import EvalConfig, evaluate_run
     evaluate_run(Run("results/runs/reference-cpu"), data_dir, EvalConfig(refine_queries=0), progress=hook)
 
-Writes <run>/eval/ (each file atomically; names in `ris_core.evaluation.files`). Captions, embeddings, reranked
+Computes into <run>/eval.partial/ and swaps the finished set in as <run>/eval/ (`files.publish`), so readers see
+the old evaluation or the new one, never a mix; one evaluation of a run at a time (`<run>/.eval.lock`, else
+`Busy`). Names of the files in `ris_core.evaluation.files`. Captions, embeddings, reranked
 captions and the captions of refined results already computed for the same model and products are reused
 unless `config.force`. `progress(stage, done, total)` is called as each stage advances (a CLI passes None and
 gets tqdm bars; the dashboard passes a Streamlit progress bar).
@@ -30,11 +32,13 @@ from ris_core.errors import DataError, ImageError, RunError
 from ris_core.evaluation import files
 from ris_core.files import digest, file_sha256, load_npy, save_npy_atomic, write_csv_atomic, write_json_atomic
 from ris_core.images import open_image
+from ris_core.jobs import exclusive
 from ris_core.metrics import caption_metrics, exact_match, last_words_match, sentence_bleu
 from ris_core.refine import CaptionCache, refine
 from ris_core.rerank import RerankConfig, rerank
 from ris_core.retrieval import judge_rankings, paired_difference, summarize
 from ris_core.runs import Run
+from ris_core.schema import problems
 from ris_core.search import SearchResult, search_safely
 from ris_core.search.catalog import CatalogIndex
 from ris_core.search.image_knn import ImageKnnIndex
@@ -42,6 +46,7 @@ from ris_core.strategies import STRATEGIES
 
 logger = logging.getLogger(__name__)
 PAIRED = ("last_two_words", "full_caption")  # the paper's claim, measured
+EVAL_LOCK = ".eval.lock"  # inside the run folder: held while an evaluation of that run is running
 ATTRIBUTES = ["masterCategory", "articleType", "baseColour", "gender"]  # copied into captions.csv
 T = TypeVar("T")
 
@@ -66,6 +71,7 @@ class _Context:
     """What every step of one evaluation reads: the run, its products, the config and the reuse state."""
 
     run: Run
+    work_dir: Path  # eval.partial/: everything is written here, then swapped in as eval/
     data_dir: Path
     catalog: Catalog
     config: EvalConfig
@@ -78,12 +84,8 @@ class _Context:
     def products(self) -> pd.DataFrame:
         return self.catalog.products
 
-    @property
-    def eval_dir(self) -> Path:
-        return self.run.eval_dir
-
     def path(self, name: str) -> Path:
-        return self.eval_dir / name
+        return self.work_dir / name
 
     def save_state(self) -> None:
         write_json_atomic(self.path(files.STATE), self.state)
@@ -123,6 +125,9 @@ def evaluate_run(run: Run | str | Path, data_dir: Path | None = None, config: Ev
         raise RunError(f"{run.path} does not exist: pass a folder under results/runs/")
     if not run.has_checkpoint:
         raise RunError(f"{run.path} has no checkpoint (model/config.json): train it first, or pick another run")
+    why = run.problem()  # a malformed run.json, history.csv or split.json: one clear line, nothing written
+    if why:
+        raise RunError(why)
     split = run.split()
     data_dir = resolve_data_dir(run, data_dir)
     catalog = load_catalog(data_dir)
@@ -138,14 +143,43 @@ def evaluate_run(run: Run | str | Path, data_dir: Path | None = None, config: Ev
     val_ids = val_ids[: config.max_products]
     train_ids = [i for i in split.train_ids if i in products.index]
     captioner = load_any_captioner(run.path)  # before touching eval/: a corrupt checkpoint leaves no trace
-    run.eval_dir.mkdir(exist_ok=True)
-    ctx = _Context(run=run, data_dir=data_dir, catalog=catalog, config=config, captioner=captioner,
-                   model_key=model_digest(run), progress=progress)
-    if config.force:
-        ctx.path(files.REFINE_CACHE).unlink(missing_ok=True)
-    state_path = ctx.path(files.STATE)
-    ctx.state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    with exclusive(run.path / EVAL_LOCK, f"an evaluation of {run.name}"):
+        work = files.open_workspace(run.eval_dir)
+        ctx = _Context(run=run, work_dir=work, data_dir=data_dir, catalog=catalog, config=config,
+                       captioner=captioner, model_key=model_digest(run), progress=progress)
+        if config.force:
+            ctx.path(files.REFINE_CACHE).unlink(missing_ok=True)
+        ctx.state = _read_state(ctx.path(files.STATE))
+        metrics = _evaluate(ctx, val_ids, train_ids, missing)
+        files.publish(work, run.eval_dir)
+    for name in ("model", "reranked"):
+        if name in metrics:
+            logger.info("%s: BLEU-4 %.1f, last-two match %.3f", "greedy" if name == "model" else name,
+                        metrics[name]["bleu_4"], metrics[name]["last_two_match"])
+    logger.info("wrote %s", run.eval_dir)
+    return run.eval_dir
 
+
+def _read_state(path: Path) -> dict:
+    """What an earlier evaluation computed (its keys); a missing, torn or foreign state.json means nothing."""
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        logger.warning("ignoring the unreadable %s: everything is computed again", path.name)
+        return {}
+    wanted = {"captions_key": str, "knn_key": str, "rerank_key": str, "skipped": list, "loss_sum": float,
+              "tokens": int, "images_per_second": float}
+    if problems(state, wanted) or not {"captions_key", "skipped", "loss_sum", "tokens"} <= set(state):
+        logger.warning("ignoring the malformed %s: everything is computed again", path.name)
+        return {}
+    return state
+
+
+def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: int) -> dict:
+    """Steps 2-6 into the workspace; returns caption_metrics.json's content."""
+    config, products, catalog = ctx.config, ctx.products, ctx.catalog
     # 2. Caption every held-out image (reused when the same model already captioned the same products)
     captions, val_emb, val_key = _caption_held_out(ctx, val_ids)
     # 3. The visual index over training products (image kNN baseline and nearest-neighbour captions)
@@ -174,12 +208,7 @@ def evaluate_run(run: Run | str | Path, data_dir: Path | None = None, config: Ev
     summary = _retrieval_summary(ctx, per_query, n_queries=len(captions), catalog_size=len(index),
                                  reranked="reranked" in captions)
     write_json_atomic(ctx.path(files.RETRIEVAL_SUMMARY), summary)
-    for name in ("model", "reranked"):
-        if name in metrics:
-            logger.info("%s: BLEU-4 %.1f, last-two match %.3f", "greedy" if name == "model" else name,
-                        metrics[name]["bleu_4"], metrics[name]["last_two_match"])
-    logger.info("wrote %s", run.eval_dir)
-    return run.eval_dir
+    return metrics
 
 
 def _caption_held_out(ctx: _Context, val_ids: list[int]) -> tuple[pd.DataFrame, np.ndarray, str]:

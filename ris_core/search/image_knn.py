@@ -111,14 +111,20 @@ class ImageKnnIndex:
 KNN_COVERAGE = 0.9  # an evaluation's index serves a catalog when it holds this share of the wanted products
 
 
+class IndexNotBuilt(LookupError):
+    """No stored index covers the catalog and embedding it was not allowed here (a job should build it)."""
+
+
 def index_for_catalog(wanted: Sequence[int], products: pd.DataFrame, image_path: Callable[[int], Path],
-                      embed_paths: Callable[[list[tuple[int, Path]]], tuple[list[int], np.ndarray, list[int]]],
-                      evaluation_index: Path | None = None, cache_path: Path | None = None) -> ImageKnnIndex:
+                      embed_paths: Callable[[list[tuple[int, Path]]], tuple[list[int], np.ndarray, list[int]]]
+                      | None = None, evaluation_index: Path | None = None,
+                      cache_path: Path | None = None) -> ImageKnnIndex:
     """The image-kNN index over `wanted` products, from the cheapest source that has it.
 
     1. an evaluation's `catalog_knn` embedded with the same model, when it covers `KNN_COVERAGE` of them;
     2. `cache_path`, an index this function saved before (keyed by its caller);
-    3. `embed_paths` over the images (a minute on 2 cores for a few thousand), saved to `cache_path`.
+    3. `embed_paths` over the images (a minute on 2 cores for a few thousand), saved to `cache_path`;
+       without `embed_paths`, IndexNotBuilt.
     Unreadable, torn or foreign files are skipped, never trusted."""
     names = products["productDisplayName"]
     unreadable = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -138,6 +144,8 @@ def index_for_catalog(wanted: Sequence[int], products: pd.DataFrame, image_path:
             return ImageKnnIndex.load(cache_path)
         except unreadable:
             pass  # absent, torn or unreadable: embed afresh
+    if embed_paths is None:
+        raise IndexNotBuilt(f"no stored image index covers these {len(wanted):,} products yet")
     kept, matrix, _ = embed_paths([(int(i), image_path(int(i))) for i in wanted])
     index = ImageKnnIndex(np.asarray(kept), matrix, [str(image_path(i)) for i in kept], names.loc[kept].tolist())
     if cache_path is not None:
