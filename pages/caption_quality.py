@@ -19,7 +19,10 @@ METRICS = [  # (key in caption_metrics.json, label, scale to show)
     ("bleu_1", "BLEU-1", 1), ("bleu_2", "BLEU-2", 1), ("bleu_3", "BLEU-3", 1), ("bleu_4", "BLEU-4", 1),
     ("sentence_bleu_mean", "Sentence BLEU (mean)", 1), ("last_two_match", "Last two words match", 100),
     ("last_word_match", "Last word matches", 100), ("exact_match", "Exact match", 100),
+    ("cider_d", "CIDEr-D", 1), ("rouge_l", "ROUGE-L", 100), ("semantic", "Semantic similarity", 100),
 ]
+SUBSET_HELP = ("all: every held-out product. seen: its exact name is also a training product's (recall is enough). "
+               "novel: no training product has its name (the caption must be composed).")
 
 
 def start_evaluation(run: Run, choice) -> None:
@@ -93,19 +96,36 @@ def number(value) -> float | None:
 
 reranked = metrics.get("reranked") or {}
 decodings = {"greedy": model, **({"reranked": reranked} if number(reranked.get("bleu_4")) is not None else {})}
-shown = "greedy"
+subsets = metrics.get("subsets") if isinstance(metrics.get("subsets"), dict) else {}
+controls = st.columns([2, 3])
+shown, products_shown = "greedy", "all"
 if len(decodings) > 1:
-    shown = st.segmented_control("Captions", list(decodings), default="greedy", key="quality_decoding",
-                                 help="greedy: the model's own caption. reranked: the best of its captions and the "
-                                      "names of the nearest training images (see below).") or "greedy"
+    with controls[0]:
+        shown = st.segmented_control("Captions", list(decodings), default="greedy", key="quality_decoding",
+                                     help="greedy: the model's own caption. reranked: the best of its captions and "
+                                          "the names of the nearest training images (see below).") or "greedy"
+with controls[1]:
+    if subsets:
+        counts = {"all": n_scored, "seen": metrics.get("n_seen", "?"), "novel": metrics.get("n_novel", "?")}
+        products_shown = st.segmented_control(
+            "Products", ["all", "seen", "novel"], default="all", key="quality_subset", help=SUBSET_HELP,
+            format_func=lambda s: f"{s} ({counts[s]:,})" if isinstance(counts[s], int) else s) or "all"
+    else:
+        st.caption("This evaluation predates the seen/novel breakdown: re-run it to see it.")
+if products_shown != "all":
+    part = subsets.get(products_shown) or {}
+    decodings = {"greedy": part.get("model") or {}, **({"reranked": part.get("reranked") or {}}
+                                                       if "reranked" in decodings else {})}
+    baseline = part.get("nn_caption_baseline") or {}
 cells = st.columns(4)
 for i, (key, label, scale) in enumerate(METRICS):
     ours, theirs = number(decodings[shown].get(key)), number(baseline.get(key))
-    unit = "%" if scale == 100 else ""
+    unit, digits = ("%", 1) if scale == 100 else ("", 2 if key == "cider_d" else 1)
     cells[i % 4].metric(
-        label, "–" if ours is None else f"{ours * scale:.1f}{unit}",
-        delta=None if ours is None or theirs is None else f"{(ours - theirs) * scale:+.1f}{unit} vs NN caption",
-        border=True, help=f"NN-caption baseline: {'–' if theirs is None else f'{theirs * scale:.1f}{unit}'}",
+        label, "–" if ours is None else f"{ours * scale:.{digits}f}{unit}",
+        delta=None if ours is None or theirs is None else f"{(ours - theirs) * scale:+.{digits}f}{unit} vs NN caption",
+        border=True, help=f"NN-caption baseline: {'–' if theirs is None else f'{theirs * scale:.{digits}f}{unit}'}"
+        + (". CIDEr-D's document frequencies come from all held-out references." if key == "cider_d" else ""),
     )
 if number(model.get("perplexity")) is not None and number(model.get("loss")) is not None:
     st.caption(f"Held-out loss {model['loss']:.3f}, perplexity {model['perplexity']:.2f} per GPT-2 token.")
@@ -162,6 +182,8 @@ if match != "all" and "last_two_match" in subset:
     wanted = match == "match"
     subset = subset[subset["last_two_match"].astype(str).str.lower().eq(str(wanted).lower())]
 
+if products_shown != "all" and "seen" in subset:
+    subset = subset[subset["seen"].astype(str).str.lower().eq(str(products_shown == "seen").lower())]
 pages = max(1, math.ceil(len(subset) / PAGE_SIZE))
 nav = st.columns([1, 4])
 page = nav[0].number_input("Page", min_value=1, max_value=pages, value=1, step=1, key="quality_page")
@@ -169,7 +191,7 @@ nav[1].caption(f"{len(subset):,} of {len(captions):,} products match the filters
 view = subset.iloc[(page - 1) * PAGE_SIZE : page * PAGE_SIZE].copy()
 view.insert(0, "image", [loaders.thumb_uri(image_dir / f"{int(i)}.jpg") for i in view["id"]])
 columns = [c for c in ["image", "id", "reference", "generated", "reranked", "nn_caption", "sentence_bleu",
-                       "last_two_match",
+                       "cider_d", "semantic", "last_two_match", "seen",
                        "articleType", "baseColour", "gender"] if c in view]
 st.dataframe(
     view[columns], hide_index=True, key="quality_table", row_height=64, height=38 + 64 * min(len(view), 8),
@@ -182,6 +204,9 @@ st.dataframe(
         "nn_caption": st.column_config.TextColumn("NN caption", width="medium"),
         "sentence_bleu": st.column_config.ProgressColumn("BLEU", min_value=0, max_value=100, format="%.0f"),
         "last_two_match": st.column_config.CheckboxColumn("last 2 match"),
+        "seen": st.column_config.CheckboxColumn("seen name", help=SUBSET_HELP),
+        "cider_d": st.column_config.NumberColumn("CIDEr-D", format="%.2f"),
+        "semantic": st.column_config.NumberColumn("semantic", format="%.2f"),
     },
 )
 if len(subset) == 0:

@@ -150,7 +150,13 @@ if not summary or not summary.get("rows"):
             "(“Evaluate this run now”) or with `python -m training.evaluate --run <run>`.")
     st.stop()
 
-rows = pd.DataFrame([r for r in summary["rows"] if isinstance(r, dict) and r.get("level") == level])
+has_subsets = any(isinstance(r, dict) and "subset" in r for r in summary["rows"])
+products_shown = st.segmented_control(
+    "Products", ["all", "seen", "novel"], default="all", key="strategies_subset", disabled=not has_subsets,
+    help="seen: the held-out product's exact name is also a training product's; novel: it is not "
+         "(re-run an older evaluation to get the breakdown)") or "all"
+rows = pd.DataFrame([r for r in summary["rows"] if isinstance(r, dict) and r.get("level") == level
+                     and r.get("subset", "all") == products_shown])
 needed = {"strategy", "source", *METRICS, *(f"{m}_ci" for m in METRICS)}
 if rows.empty or not needed <= set(rows.columns):
     st.warning("retrieval.json lacks the expected rows or columns for this level; re-run the evaluation.")
@@ -159,7 +165,9 @@ n_queries, size = summary.get("n_queries", "?"), summary.get("catalog_size")
 st.caption(f"{n_queries} queries against {size if size is None else f'{size:,}'} catalog products, top "
            f"{summary.get('k', 10)} judged at {level} ({RELEVANCE_DESCRIPTIONS[level].lower().rstrip('.')}). "
            "Bars: means; whiskers: 95% bootstrap intervals. Hatched: oracle (the true product name used as caption, "
-           "an upper bound); grey: image kNN on the encoder's features (the classic visual search).")
+           "an upper bound); grey: visual baselines (image kNN on the captioner encoder's features, and a "
+           "contrastive image-text model trained on the training names: image-to-image and image-to-name); "
+           "red: hybrids (a caption strategy's text results fused with a visual baseline's neighbours).")
 st.plotly_chart(strategy_figure(rows, METRICS), key="strategies_chart", config={"displayModeBar": False})
 
 table = rows[["strategy", "source", "n", *METRICS, "zero_hit"]].rename(columns=METRIC_LABELS)

@@ -6,7 +6,8 @@ caption to search with, `search_options` the user's choices, `results` draws the
 
 import hashlib
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import streamlit as st
@@ -17,6 +18,8 @@ from ris_app.sidebar import sidebar
 from ris_app.widgets import job_progress, md, refine_controls, refined_grid, result_grid, say
 from ris_core.data import Catalog
 from ris_core.errors import CheckpointError, DataError, ImageError, RunError
+from ris_core.evaluation.baselines import DEPTH
+from ris_core.hybrid import rrf
 from ris_core.images import square
 from ris_core.jobs import Busy
 from ris_core.runs import Run
@@ -59,6 +62,7 @@ class Options:
     k: int
     refine: bool
     threshold: float | None
+    hybrid: bool = False
 
 
 def use_gallery(product_id: int) -> None:
@@ -194,9 +198,14 @@ def search_options() -> Options:
     visual = row[2].toggle("Visual baseline", value=True, key="demo_visual",
                            help="Nearest catalog images by the encoder's features: classic reverse image search.")
     k = row[3].select_slider("Results", [4, 6, 8, 12], value=6, key="demo_k")
-    with st.columns([1, 2])[0]:
+    extra = st.columns([1, 2])
+    with extra[0]:
         refine_on, threshold = refine_controls(toggle_key="demo_refine", threshold_key="demo_refine_threshold")
-    return Options(strategies, backend, visual, k, refine_on, threshold)
+    hybrid = extra[1].toggle("Hybrid: caption + image", value=True, key="demo_hybrid",
+                             help="The first strategy's catalog results fused with the photo's nearest catalog "
+                                  "images by reciprocal-rank fusion (the top 100 of each; ris_core/hybrid.py), as "
+                                  "the evaluation's rrf: rows are.")
+    return Options(strategies, backend, visual, k, refine_on, threshold, hybrid)
 
 
 def text_responses(options: Options, caption: Caption, data_dir, train_ids: list[int]) -> dict:
@@ -217,7 +226,8 @@ def results(run: Run, photo: Photo, caption: Caption, options: Options, products
             train_ids: list[int], limit: int | None) -> None:
     """One bordered column per strategy (and the visual baseline), each optionally refined below."""
     responses = text_responses(options, caption, data_dir, train_ids)
-    n_columns = len(options.strategies) + (1 if options.visual else 0) or 1
+    hybrid = options.hybrid and bool(options.strategies)
+    n_columns = len(options.strategies) + (1 if options.visual else 0) + (1 if hybrid else 0) or 1
     thumb_px = 120 if n_columns <= 2 else 100  # two thumbnails per row even with three columns at 1280 px
 
     def judged(attrs) -> dict:
@@ -243,6 +253,9 @@ def results(run: Run, photo: Photo, caption: Caption, options: Options, products
             result_grid(response.results, products, width=thumb_px, query=response.query, **judged(attrs))
             st.caption(f"search: {response.seconds * 1000:.1f} ms" + (" · cached" if response.from_cache else ""))
             show_refined(response.results, attrs)
+    if hybrid:
+        with columns[len(options.strategies)]:
+            hybrid_column(run, photo, caption, options, products, data_dir, train_ids, limit, thumb_px)
     if options.visual:
         with columns[-1]:
             st.markdown("**image kNN** · visual baseline")
@@ -267,6 +280,28 @@ def results(run: Run, photo: Photo, caption: Caption, options: Options, products
             st.info("Choose a strategy or turn on the visual baseline to see results.")
     if photo.attrs is not None:
         st.caption("✓ marks results of the same article type as the picked product.")
+
+
+def hybrid_column(run: Run, photo: Photo, caption: Caption, options: Options, products: pd.DataFrame, data_dir,
+                  train_ids: list[int], limit: int | None, thumb_px: int) -> None:
+    """The first strategy's catalog results and the photo's visual neighbours, fused by reciprocal rank."""
+    name = options.strategies[0]
+    st.markdown(f"**hybrid** · {name} + image")
+    knn = visual_index(run, data_dir, train_ids, limit)
+    if knn is None:
+        st.caption("Waits for the catalog's image index (see the visual baseline).")
+        return
+    started = time.perf_counter()
+    query = STRATEGIES[name](caption.text)
+    text = loaders.catalog_index(data_dir, train_ids).search(query, k=DEPTH).results
+    visual = knn.search_vector(caption.embedding, k=DEPTH, exclude_id=photo.product_id).results
+    by_id = {r.product_id: r for r in [*visual, *text]}
+    fused = rrf([[r.product_id for r in text], [r.product_id for r in visual]], k=options.k)
+    shown = [replace(by_id[pid], rank=rank) for rank, pid in enumerate(fused, start=1)]
+    st.code(f"{query or '(empty query)'} + (the image)", language=None, wrap_lines=True)
+    result_grid(shown, products, width=thumb_px, query=query or "image",
+                query_attrs=photo.attrs, level=DEMO_LEVEL if photo.attrs is not None else None)
+    st.caption(f"fused in {(time.perf_counter() - started) * 1000:.1f} ms (top {DEPTH} of each side)")
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ SOURCE_STYLE = {  # how each kind of retrieval row looks: captions solid, upper 
     "reranked": {"color": "#9467bd", "pattern": "", "label": "reranked caption (model + nearest names)"},
     "refine": {"color": "#2ca02c", "pattern": ".", "label": "refined (re-ranked by agreement, paper §IV-B)"},
     "oracle": {"color": "#ff9f40", "pattern": "/", "label": "oracle (reference name as caption)"},
-    "visual": {"color": "#7f7f7f", "pattern": "x", "label": "image kNN (visual baseline)"},
+    "visual": {"color": "#7f7f7f", "pattern": "x", "label": "visual baseline (no caption)"},
+    "hybrid": {"color": "#d62728", "pattern": "", "label": "hybrid (caption text + image)"},
 }
 
 
@@ -130,4 +131,4 @@ def strategy_figure(rows: pd.DataFrame, metrics: list[str], height: int = 380) -
 
 
 def _source_rank(source: str) -> int:
-    return {"caption": 0, "reranked": 1, "refine": 2, "visual": 3, "oracle": 4}.get(source, 5)
+    return {"caption": 0, "reranked": 1, "hybrid": 2, "refine": 3, "visual": 4, "oracle": 5}.get(source, 6)

@@ -286,3 +286,38 @@ def is_relevant(query_attrs: Mapping[str, object], result_attrs: Mapping[str, ob
         if q is None or r is None or q != r:
             return False
     return True
+
+
+def coco_tokens(text: str) -> str:
+    """The pre-tokenised form CIDEr-D and ROUGE-L score: casefolded words without punctuation, space-joined
+    (what pycocoevalcap's PTBTokenizer does for these names, without its Java)."""
+    return " ".join(_norm_words(text))
+
+
+def cider_d(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, list[float]]:
+    """CIDEr-D (pycocoevalcap's Cider: n = 1..4, sigma 6, clipped, x10) of each caption against its one
+    reference, and their mean. Document frequencies come from the references passed in: a figure is only
+    comparable to another computed over the same set of references."""
+    from pycocoevalcap.cider.cider import Cider
+
+    preds, refs = _check_pairs(predictions, references)
+    if not preds:
+        return math.nan, []
+    gts = {i: [coco_tokens(r)] for i, r in enumerate(refs)}
+    res = {i: [coco_tokens(p)] for i, p in enumerate(preds)}
+    _, scores = Cider().compute_score(gts, res)
+    per = [float(s) for s in scores]
+    return float(np.mean(per)), per
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, list[float]]:
+    """ROUGE-L F (beta 1.2, pycocoevalcap's Rouge) of each caption against its reference, and their mean; an
+    empty caption scores 0 (pycocoevalcap would divide by zero)."""
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    preds, refs = _check_pairs(predictions, references)
+    scorer, per = Rouge(), []
+    for p, r in zip(preds, refs, strict=True):
+        p, r = coco_tokens(p), coco_tokens(r)
+        per.append(float(scorer.calc_score([p], [r])) if p and r else 0.0)
+    return (float(np.mean(per)) if per else math.nan), per

@@ -37,7 +37,7 @@ def test_evaluation_writes_all_four_files(evaluated_run: Path, tiny_catalog: Pat
     assert 0 <= metrics["nn_caption_baseline"]["bleu_4"] <= 100
     retrieval = pd.read_csv(eval_dir / "retrieval.csv", keep_default_na=False)
     strategies = set(retrieval["strategy"])
-    assert {"last_two_words", "full_caption", "oracle:full_caption", "image_knn"} <= strategies
+    assert {"last_two_words", "full_caption", "oracle:full_caption", "image_knn:encoder"} <= strategies
     summary = json.loads((eval_dir / "retrieval.json").read_text())
     row = next(r for r in summary["rows"] if r["strategy"] == "oracle:full_caption" and r["level"] == "R1")
     low, high = row["p_at_10_ci"]

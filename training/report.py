@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -39,12 +38,20 @@ def history_table(run: Run) -> str:
     return "\n".join(lines)
 
 
+def _summaries(run: Run) -> tuple[dict, dict]:
+    """caption_metrics.json and retrieval.json, checked by type and with old row names mapped."""
+    metrics, summary, _ = files.read_summaries(run.eval_dir)
+    return metrics or {}, summary or {}
+
+
 def caption_table(run: Run) -> str:
-    metrics = json.loads((run.eval_dir / files.CAPTION_METRICS).read_text())
+    metrics = _summaries(run)[0]
     model, nn = metrics["model"], metrics["nn_caption_baseline"]
     rows = [("BLEU-1", "bleu_1", 1), ("BLEU-2", "bleu_2", 1), ("BLEU-3", "bleu_3", 1), ("BLEU-4", "bleu_4", 1),
             ("mean sentence BLEU", "sentence_bleu_mean", 1), ("last-two-words match", "last_two_match", 3),
             ("last-word match", "last_word_match", 3), ("exact match", "exact_match", 3)]
+    rows += [row for row in (("CIDEr-D", "cider_d", 2), ("ROUGE-L", "rouge_l", 3),
+                             ("semantic similarity (MiniLM cosine)", "semantic", 3)) if row[1] in model]
     columns = [("captioner (greedy)", model)]
     if "reranked" in metrics:  # the best of the model's captions and the k nearest training names
         columns.append((f"captioner, reranked (k={metrics['reranked']['k']})", metrics["reranked"]))
@@ -54,15 +61,66 @@ def caption_table(run: Run) -> str:
              f"greedy decoding, {metrics['images_per_second']:.0f} images/s; val perplexity "
              f"{model['perplexity']:.3f} (loss {model['loss']:.4f}).", "",
              "| metric | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
-    lines += [f"| {label} | " + " | ".join(f"{values[key]:.{d}f}" for _, values in columns) + " |"
+    lines += [f"| {label} | " + " | ".join(_fmt(values.get(key), d) for _, values in columns) + " |"
               for label, key, d in rows]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def retrieval_table(run: Run, level: str = "R1") -> str:
-    summary = json.loads((run.eval_dir / files.RETRIEVAL_SUMMARY).read_text())
-    rows = [r for r in summary["rows"] if r["level"] == level]
-    lines = [f"{summary['n_queries']:,} queries against {summary['catalog_size']:,} training products, level {level}.",
+def subset_table(run: Run) -> str:
+    """Caption metrics for all, seen and novel held-out products, side by side."""
+    metrics = _summaries(run)[0]
+    subsets = metrics.get("subsets") or {}
+    if not subsets:
+        return "no seen/novel breakdown (evaluated before it existed)"
+    columns = {"all": metrics, "seen": subsets.get("seen") or {}, "novel": subsets.get("novel") or {}}
+    counts = {"all": metrics.get("n_scored"), "seen": metrics.get("n_seen"), "novel": metrics.get("n_novel")}
+    lines = ["| captions | metric | " + " | ".join(f"{k} ({counts[k]:,})" for k in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    for decoding, label in (("model", "greedy"), ("reranked", "reranked"), ("nn_caption_baseline", "NN caption")):
+        if decoding not in metrics:
+            continue
+        for key, name, digits in (("bleu_4", "BLEU-4", 1), ("cider_d", "CIDEr-D", 2), ("rouge_l", "ROUGE-L", 3),
+                                  ("semantic", "semantic", 3), ("last_two_match", "last-two match", 3),
+                                  ("exact_match", "exact match", 3)):
+            cells = [_fmt((values.get(decoding) or {}).get(key), digits) for values in columns.values()]
+            if any(cells):
+                lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", f"CIDEr-D document frequencies: {metrics.get('cider_document_frequencies', '')}."])
+
+
+def verdict_table(run: Run, level: str = "R1") -> str:
+    """The paired comparisons behind the verdict, at one relevance level, for all and novel products."""
+    from ris_core.evaluation.verdict import QUESTIONS, cell, sentence
+
+    found = _summaries(run)[1].get("verdict") or {}
+    comparisons = found.get("comparisons") or []
+    if not comparisons:
+        return "no verdict (evaluated before it existed)"
+    labels = {"p_at_1": "P@1", "mrr": "MRR", "ndcg_at_10": "nDCG@10", "p_at_10": "P@10"}
+    lines = [f"Level {level}; paired differences a − b on the same queries, 95% bootstrap intervals.", "",
+             "| question | a − b | products | " + " | ".join(labels.values()) + " |",
+             "|---|---|---|" + "---:|" * len(labels)]
+    for c in comparisons:
+        cells = []
+        for metric in labels:
+            value, word = c[f"{level}_{metric}"], cell(c, level, metric)
+            cells.append(f"{value['diff']:+.3f} [{value['ci'][0]:+.3f}, {value['ci'][1]:+.3f}] {word}")
+        lines.append(f"| {QUESTIONS[c['question']]} | {c['a']} − {c['b']} | {c['subset']} ({c['n']:,}) | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+    questions = dict.fromkeys(c["question"] for c in comparisons)
+    lines += [f"- {QUESTIONS[q]}: {sentence(comparisons, q)}." for q in questions]
+    best = found.get("best") or {}
+    lines.append(f"\nBest = {found.get('chosen_by')}: caption {best.get('caption')}, visual {best.get('visual')}, "
+                 f"hybrid {best.get('hybrid')}.")
+    return "\n".join(lines)
+
+
+def retrieval_table(run: Run, level: str = "R1", subset: str = "all") -> str:
+    summary = _summaries(run)[1]
+    rows = [r for r in summary["rows"] if r["level"] == level and r.get("subset", "all") == subset]
+    lines = [f"{summary['n_queries']:,} queries ({subset} held-out products: {rows[0]['n'] if rows else 0:,}) against "
+             f"{summary['catalog_size']:,} training products, level {level}.",
              "", "| strategy | source | P@1 | P@10 [95% CI] | MRR | nDCG@10 | zero-hit |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["source"] != "caption", -r["p_at_10"])):
@@ -80,7 +138,7 @@ def retrieval_table(run: Run, level: str = "R1") -> str:
 
 def refinement_table(run: Run, level: str = "R1") -> str:
     """Paired (refined − unrefined) differences on the same queries, per strategy."""
-    summary = json.loads((run.eval_dir / files.RETRIEVAL_SUMMARY).read_text())
+    summary = _summaries(run)[1]
     pairs = [p for p in summary["paired"] if p["a"].endswith("+refine")]
     if not pairs:
         return "no refinement rows"
@@ -103,9 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     print("### Training history\n\n" + history_table(run))
     if (run.eval_dir / files.CAPTION_METRICS).is_file():
         print("\n### Caption quality\n\n" + caption_table(run))
+        print("\n### Caption quality: seen and novel products\n\n" + subset_table(run))
     if (run.eval_dir / files.RETRIEVAL_SUMMARY).is_file():
         for level in ("R1", "R2", "R3"):
+            print(f"\n### Verdict ({level})\n\n" + verdict_table(run, level))
+        for level in ("R1", "R2", "R3"):
             print(f"\n### Retrieval ({level})\n\n" + retrieval_table(run, level))
+        print("\n### Retrieval (R1, novel products)\n\n" + retrieval_table(run, "R1", "novel"))
         for level in ("R1", "R2", "R3"):
             print(f"\n### Refinement ({level})\n\n" + refinement_table(run, level))
 

@@ -30,6 +30,9 @@ STATE = "state.json"
 VAL_EMBEDDINGS = "val_embeddings.npy"
 CATALOG_KNN = "catalog_knn"  # .npz (arrays) + .json (names, paths)
 REFINE_CACHE = "refine_cache.sqlite"
+NAME_EMBEDDINGS = "name_embeddings.npy"  # the catalog names' MiniLM embeddings
+CONTRASTIVE = "contrastive.safetensors"  # the contrastive visual baseline's projections
+RENAMED = {"image_knn": "image_knn:encoder"}  # rows of evaluations written before the verdict rows existed
 
 # What the summaries' fields must be (checked on reading: a field of the wrong type is dropped and reported).
 _SCORES = {name: float for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "brevity_penalty", "exact_match",
@@ -130,6 +133,10 @@ def read_summaries(eval_dir: Path) -> tuple[dict | None, dict | None, list[str]]
         rows = summary.get("rows", [])
         summary["rows"] = [r for r in rows if _good_row(r)]
         summary["paired"] = [p for p in summary.get("paired", []) if isinstance(p, dict)]
+        for item in [*summary["rows"], *summary["paired"]]:
+            for key in ("strategy", "a", "b"):
+                if item.get(key) in RENAMED:
+                    item[key] = RENAMED[item[key]]
         if len(summary["rows"]) < len(rows):
             found.append(f"{RETRIEVAL_SUMMARY}: ignored {len(rows) - len(summary['rows'])} malformed row(s); "
                          "re-run the evaluation")
@@ -146,6 +153,8 @@ def read_evaluation(eval_dir: Path) -> Evaluation:
             if column in captions:
                 captions[column] = captions[column].fillna("").astype(str)
     retrieval = _read_csv(root / RETRIEVAL, RETRIEVAL_COLUMNS, problems)
+    if retrieval is not None:
+        retrieval["strategy"] = retrieval["strategy"].replace(RENAMED)
     metrics, summary, summary_problems = read_summaries(root)
     return Evaluation(captions=captions, caption_metrics=metrics, retrieval=retrieval, retrieval_summary=summary,
                       problems=problems + summary_problems)

@@ -27,25 +27,28 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ris_core.captioner import ImageCaptioner, ProgressHook, load_any_captioner
+from ris_core.contrastive import ContrastiveConfig, load_contrastive, save_contrastive, train_contrastive
 from ris_core.data import DEFAULT_DATA_DIR, Catalog, load_catalog
 from ris_core.errors import DataError, ImageError, RunError
-from ris_core.evaluation import files
+from ris_core.evaluation import baselines, files, verdict
 from ris_core.files import digest, file_sha256, load_npy, save_npy_atomic, write_csv_atomic, write_json_atomic
 from ris_core.images import open_image
 from ris_core.jobs import exclusive
-from ris_core.metrics import caption_metrics, exact_match, last_words_match, sentence_bleu
+from ris_core.metrics import caption_metrics, cider_d, exact_match, last_words_match, rouge_l, sentence_bleu
 from ris_core.refine import CaptionCache, refine
 from ris_core.rerank import RerankConfig, rerank
-from ris_core.retrieval import judge_rankings, paired_difference, summarize
+from ris_core.retrieval import judge_rankings, paired_difference
 from ris_core.runs import Run
 from ris_core.schema import problems
 from ris_core.search import SearchResult, search_safely
 from ris_core.search.catalog import CatalogIndex
 from ris_core.search.image_knn import ImageKnnIndex
+from ris_core.sentence_encoder import EncoderUnavailable, SentenceEncoder, cosine_rows
 from ris_core.strategies import STRATEGIES
 
 logger = logging.getLogger(__name__)
 PAIRED = ("last_two_words", "full_caption")  # the paper's claim, measured
+VISUAL = "image_knn:encoder"  # the captioner encoder's own features (called `image_knn` before the verdict rows)
 EVAL_LOCK = ".eval.lock"  # inside the run folder: held while an evaluation of that run is running
 ATTRIBUTES = ["masterCategory", "articleType", "baseColour", "gender"]  # copied into captions.csv
 T = TypeVar("T")
@@ -64,6 +67,8 @@ class EvalConfig:
     rerank: RerankConfig = field(default_factory=RerankConfig)  # k = 0: no reranked captions
     force: bool = False  # recompute captions, embeddings, reranking and refinement captions
     progress_bars: bool = True  # tqdm bars on stderr
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # the CLIP-style visual baseline
+    hybrids: bool = True  # caption + image fusion rows (rrf: and hybrid:)
 
 
 @dataclass
@@ -189,26 +194,109 @@ def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: 
     # products (retrieval-augmented decoding, ris_core/rerank.py), scored beside greedy, never instead
     captions = _rerank_held_out(ctx, captions, val_emb, knn, rerank_key=digest(
         val_key, knn_key, sorted(asdict(config.rerank).items())))
-    # 4. Caption metrics, beside the nearest-neighbour-caption baseline
-    captions, metrics = _caption_metrics(ctx, captions, neighbours, missing, catalog_size=len(knn.ids))
+    # 4. Caption metrics, beside the nearest-neighbour-caption baseline, for all, seen and novel products
+    train_names = products.loc[knn.ids, "productDisplayName"].tolist()
+    captions["seen"] = verdict.seen_flags(captions["reference"], train_names)
+    encoder = _sentence_encoder()
+    captions, metrics = _caption_metrics(ctx, captions, neighbours, missing, catalog_size=len(knn.ids),
+                                         encoder=encoder)
     write_json_atomic(ctx.path(files.CAPTION_METRICS), metrics)
     # 5. Every strategy's query against the catalog of training products; oracle and image kNN beside them
     train_products = products.loc[knn.ids.tolist()]
     index = CatalogIndex.build(train_products, catalog.image_dir)
     frames, hits_of = _search_strategies(ctx, captions, index, train_products)
-    hits_of["image_knn"] = [[r.product_id for r in resp.results] for resp in neighbours]
     query_ids = captions["id"].tolist()
-    frames.append(_per_query("visual", "image_knn", [""] * len(query_ids), hits_of["image_knn"], query_ids,
-                             products, train_products))
+    # 5b. Visual baselines (the encoder's features; a contrastive image-text model trained on the training names)
+    spaces = baselines.spaces(val_emb, knn.vectors, knn.ids, *_contrastive(ctx, knn, train_names, encoder))
+    for space in ctx.steps(spaces, "visual baselines", total=len(spaces), unit="baseline"):
+        hits_of[space.name] = [ranked[: config.k] for ranked in space.top(config.k)]
+        frames.append(_per_query("visual", space.name, [""] * len(query_ids), hits_of[space.name], query_ids,
+                                 products, train_products))
+    # 5c. Hybrids: the best caption strategy's text results fused with the best visual baseline's neighbours
+    if config.hybrids:
+        frames += _hybrids(ctx, captions, frames, index, spaces, train_products)
     # 6. Result refinement (paper IV-B) on a seeded subset: re-rank each strategy's hits by agreement
     if config.refine_queries > 0:
         frames += _refined(ctx, captions, val_emb, hits_of, train_products)
     per_query = pd.concat(frames, ignore_index=True)
+    per_query.insert(1, "seen", per_query["id"].map(dict(zip(captions["id"], captions["seen"]))).astype(bool))
     write_csv_atomic(ctx.path(files.RETRIEVAL), per_query.round(4))
     summary = _retrieval_summary(ctx, per_query, n_queries=len(captions), catalog_size=len(index),
                                  reranked="reranked" in captions)
     write_json_atomic(ctx.path(files.RETRIEVAL_SUMMARY), summary)
     return metrics
+
+
+def _sentence_encoder() -> SentenceEncoder | None:
+    try:
+        return SentenceEncoder.load()
+    except EncoderUnavailable as err:  # the rest of the evaluation runs without it
+        logger.warning("skipping semantic similarity and the contrastive baseline: %s", err)
+        return None
+
+
+def _name_embeddings(ctx: _Context, names: list[str], encoder: SentenceEncoder) -> np.ndarray:
+    """MiniLM embeddings of the catalog's names, cached in the workspace per list of names."""
+    key = digest(encoder.name, names)
+    path = ctx.path(files.NAME_EMBEDDINGS)
+    if ctx.state.get("names_key") == key and (cached := load_npy(path)) is not None and len(cached) == len(names):
+        return cached
+    bar = tqdm(total=len(names), desc="embedding catalog names", unit="name", disable=not ctx.config.progress_bars)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        if ctx.progress is not None:
+            ctx.progress("embedding catalog names", done, total)
+
+    vectors = encoder.encode(names, progress=progress)
+    bar.close()
+    save_npy_atomic(path, vectors)
+    ctx.state["names_key"] = key
+    ctx.save_state()
+    return vectors
+
+
+def _contrastive(ctx: _Context, knn: ImageKnnIndex, names: list[str], encoder: SentenceEncoder | None):
+    """(the catalog names' MiniLM embeddings, the contrastive model trained on them), or (None, None)."""
+    if encoder is None or ctx.config.contrastive.epochs <= 0:
+        return None, None
+    name_vectors = _name_embeddings(ctx, names, encoder)
+    key = digest(ctx.state.get("knn_key"), ctx.state.get("names_key"), asdict(ctx.config.contrastive))
+    path = ctx.path(files.CONTRASTIVE)
+    model = None if ctx.config.force else load_contrastive(path, key)
+    if model is None:
+        steps = ctx.progress and (lambda done, total: ctx.progress("training the contrastive baseline", done, total))
+        model = train_contrastive(knn.vectors, name_vectors, ctx.config.contrastive, progress=steps or None)
+        save_contrastive(model, ctx.config.contrastive, path, key)
+    return name_vectors, model
+
+
+def _hybrids(ctx: _Context, captions: pd.DataFrame, frames: list[pd.DataFrame], index: CatalogIndex,
+             spaces: list, train_products: pd.DataFrame) -> list[pd.DataFrame]:
+    """`rrf:<strategy>+<baseline>` and `hybrid:<strategy>+<baseline>` (a blend weighted by cross-fitting)."""
+    so_far = pd.concat(frames, ignore_index=True)
+    means = so_far.groupby(["strategy", "source"])["R1_p_at_10"].mean().reset_index()
+    text = means[means["source"].isin(["caption", "reranked"])].sort_values("R1_p_at_10", ascending=False)
+    visual = means[means["source"] == "visual"].sort_values("R1_p_at_10", ascending=False)
+    if text.empty or visual.empty:
+        return []
+    strategy, source = text.iloc[0]["strategy"], text.iloc[0]["source"]
+    space = next(s for s in spaces if s.name == visual.iloc[0]["strategy"])
+    column = {"caption": "generated", "reranked": "reranked"}[source]
+    function = STRATEGIES[strategy.split(":", 1)[-1]]
+    text_hits, text_scores = [], []
+    for caption in ctx.steps(captions[column], f"deep text search ({strategy})", total=len(captions), unit="q"):
+        results = search_safely(index, function(caption), k=baselines.DEPTH).results
+        text_hits.append([r.product_id for r in results])
+        text_scores.append([r.score or 0.0 for r in results])
+    articles = ctx.products.loc[captions["id"], "articleType"].to_numpy()
+    quality = baselines.r1_quality(articles, train_products["articleType"].to_dict())
+    fused = baselines.hybrids(text_hits, text_scores, space, quality, k=ctx.config.k)
+    ctx.state["hybrid"] = {"strategy": strategy, "baseline": space.name, **fused["blend"][1]}
+    query_ids = captions["id"].tolist()
+    kinds = (("rrf", "rrf"), ("hybrid", "blend"))
+    return [_per_query("hybrid", f"{prefix}:{strategy}+{space.name}", [""] * len(query_ids), fused[kind][0],
+                       query_ids, ctx.products, train_products) for prefix, kind in kinds]
 
 
 def _caption_held_out(ctx: _Context, val_ids: list[int]) -> tuple[pd.DataFrame, np.ndarray, str]:
@@ -305,32 +393,55 @@ def _reranked(ctx: _Context, captions: pd.DataFrame, val_emb: np.ndarray, knn: I
     return out
 
 
-def _caption_metrics(ctx: _Context, captions: pd.DataFrame, neighbours: list, missing: int,
-                     catalog_size: int) -> tuple[pd.DataFrame, dict]:
-    """captions.csv with per-caption scores and attributes (written), and caption_metrics.json's content."""
+def _caption_metrics(ctx: _Context, captions: pd.DataFrame, neighbours: list, missing: int, catalog_size: int,
+                     encoder: SentenceEncoder | None) -> tuple[pd.DataFrame, dict]:
+    """captions.csv with per-caption scores and attributes (written), and caption_metrics.json's content.
+
+    CIDEr-D's document frequencies come from the references of all held-out products scored here; the seen and
+    novel figures are means of those per-caption scores (so all three use the same frequencies)."""
     state, config = ctx.state, ctx.config
     nn_caption = [r.results[0].title if r.results else "" for r in neighbours]
     captions["nn_caption"] = nn_caption
-    captions["sentence_bleu"] = [sentence_bleu(g, r) for g, r in zip(captions["generated"], captions["reference"])]
-    pairs = list(zip(captions["generated"], captions["reference"]))
+    references = captions["reference"].tolist()
+    captions["sentence_bleu"] = [sentence_bleu(g, r) for g, r in zip(captions["generated"], references)]
+    pairs = list(zip(captions["generated"], references))
     captions["last_two_match"] = [last_words_match(g, r, 2) for g, r in pairs]
     captions["last_word_match"] = [last_words_match(g, r, 1) for g, r in pairs]
     captions["exact_match"] = [exact_match(g, r) for g, r in pairs]
+    decodings = {"model": "generated", "nn_caption_baseline": "nn_caption",
+                 **({"reranked": "reranked"} if "reranked" in captions else {})}
+    prefix = {"model": "", "nn_caption_baseline": "nn_", "reranked": "reranked_"}
+    reference_vectors = encoder.encode(references) if encoder is not None else None
+    for decoding, column in decodings.items():
+        texts = captions[column].tolist()
+        captions[f"{prefix[decoding]}cider_d"] = cider_d(texts, references)[1]
+        captions[f"{prefix[decoding]}rouge_l"] = rouge_l(texts, references)[1]
+        if reference_vectors is not None:
+            captions[f"{prefix[decoding]}semantic"] = cosine_rows(encoder.encode(texts), reference_vectors)
     attrs = ctx.products.loc[captions["id"], ATTRIBUTES].reset_index(drop=True)
     captions = pd.concat([captions.reset_index(drop=True), attrs], axis=1)
     write_csv_atomic(ctx.path(files.CAPTIONS), captions.round(4))
-    references = captions["reference"].tolist()
+
+    def scored(frame: pd.DataFrame, decoding: str) -> dict:
+        out = caption_metrics(frame[decodings[decoding]].tolist(), frame["reference"].tolist())
+        for metric in ("cider_d", "rouge_l", "semantic"):
+            if f"{prefix[decoding]}{metric}" in frame:
+                out[metric] = float(frame[f"{prefix[decoding]}{metric}"].mean()) if len(frame) else math.nan
+        return out
+
     loss = state["loss_sum"] / max(state["tokens"], 1)
     metrics = {
         "run": ctx.run.name, "data_dir": str(ctx.data_dir), "n_scored": len(captions),
         "n_skipped": len(state["skipped"]), "n_missing_from_data_dir": missing, "num_beams": config.num_beams,
         "images_per_second": state["images_per_second"],
-        "model": {**caption_metrics(captions["generated"].tolist(), references), "loss": loss,
-                  "perplexity": math.exp(loss)},
-        "nn_caption_baseline": caption_metrics(nn_caption, references),
-        **({"reranked": {**caption_metrics(captions["reranked"].tolist(), references), **asdict(config.rerank)}}
-           if "reranked" in captions else {}),
+        "model": {**scored(captions, "model"), "loss": loss, "perplexity": math.exp(loss)},
+        "nn_caption_baseline": scored(captions, "nn_caption_baseline"),
+        **({"reranked": {**scored(captions, "reranked"), **asdict(config.rerank)}} if "reranked" in captions else {}),
         "catalog_size": catalog_size,
+        "n_seen": int(captions["seen"].sum()), "n_novel": int((~captions["seen"]).sum()),
+        "subsets": {name: {decoding: scored(verdict.subset(captions, name), decoding) for decoding in decodings}
+                    for name in ("seen", "novel")},
+        "cider_document_frequencies": "the references of all held-out products scored",
     }
     return captions, metrics
 
@@ -356,7 +467,9 @@ def _refined(ctx: _Context, captions: pd.DataFrame, val_emb: np.ndarray, hits_of
     """`<strategy>+refine` rows for a seeded subset of queries; every result image is captioned once."""
     rng = np.random.default_rng(0)
     rows = np.sort(rng.permutation(len(captions))[: ctx.config.refine_queries])
-    strategies = [name for name in hits_of if not name.startswith(("oracle:", "reranked:"))]
+    # the caption strategies and the encoder's own visual baseline (as before the contrastive rows existed)
+    strategies = [name for name in hits_of if not name.startswith(("oracle:", "reranked:"))
+                  and (":" not in name or name == VISUAL)]
     needed = sorted({pid for name in strategies for row in rows for pid in hits_of[name][row]})
     digests = {pid: file_sha256(ctx.catalog.image_path(pid)) for pid in needed}
     cache = CaptionCache(ctx.path(files.REFINE_CACHE), model_key=ctx.model_key)  # a re-run captions what is new
@@ -386,15 +499,20 @@ def _retrieval_summary(ctx: _Context, per_query: pd.DataFrame, n_queries: int, c
                        reranked: bool) -> dict:
     n_boot = ctx.config.n_boot
     refined = [name for name in per_query["strategy"].unique() if name.endswith("+refine")]
+    rows = verdict.summarize_subsets(per_query, n_boot=n_boot)
+    seen = per_query.drop_duplicates("id")["seen"]
     return {
         "run": ctx.run.name, "k": ctx.config.k, "n_queries": n_queries,
+        "n_seen": int(seen.sum()), "n_novel": int((~seen).sum()),
         "catalog": "training products of " + str(ctx.data_dir), "catalog_size": catalog_size, "n_boot": n_boot,
-        "rows": summarize(per_query, n_boot=n_boot),
+        "rows": rows,
         "paired": [paired_difference(per_query, *PAIRED, n_boot=n_boot),
-                   paired_difference(per_query, "last_two_words", "image_knn", n_boot=n_boot)]
+                   paired_difference(per_query, "last_two_words", VISUAL, n_boot=n_boot)]
         + [paired_difference(per_query, name, name.removesuffix("+refine"), n_boot=n_boot) for name in refined]
         + ([paired_difference(per_query, "reranked:last_two_words", "last_two_words", n_boot=n_boot)]
            if reranked else []),
+        "verdict": verdict.verdict(per_query, rows, n_boot=n_boot),
+        **({"hybrid": ctx.state["hybrid"]} if "hybrid" in ctx.state else {}),
     }
 
 
