@@ -287,7 +287,11 @@ def hybrid_column(run: Run, photo: Photo, caption: Caption, options: Options, pr
     """The first strategy's catalog results and the photo's visual neighbours, fused by reciprocal rank."""
     name = options.strategies[0]
     st.markdown(f"**hybrid** · {name} + image")
-    knn = visual_index(run, data_dir, train_ids, limit)
+    try:
+        knn = visual_index(run, data_dir, train_ids, limit)
+    except (CheckpointError, ValueError) as err:
+        st.error(f"The hybrid needs the visual index: {say(err)}")
+        return
     if knn is None:
         st.caption("Waits for the catalog's image index (see the visual baseline).")
         return

@@ -14,6 +14,7 @@ import io
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,16 @@ from ris_core.files import digest
 from ris_core.images import open_image, square
 from ris_core.runs import Run
 from ris_core.search.web import WebImages
+
+if TYPE_CHECKING:  # heavy modules: imported inside the loaders that need them
+    from PIL import Image
+
+    from ris_core.captioner import ImageCaptioner
+    from ris_core.jobs import Jobs
+    from ris_core.refine import CaptionCache
+    from ris_core.search.catalog import CatalogIndex
+    from ris_core.search.duckduckgo import DuckDuckGoImages
+    from ris_core.search.image_knn import ImageKnnIndex
 
 THUMB_SIDE = 160  # px: grids and cards show images at ~120-160 px
 KNN_CACHE_DIR = Path(".cache") / "knn"  # image-kNN indexes of catalogs, under the working directory
@@ -136,13 +147,13 @@ def training_ids(run: Run, products: pd.DataFrame) -> list[int]:
 
 
 @st.cache_resource(show_spinner="Loading the captioner (once per run)...", max_entries=3)
-def _captioner(run_path: str, version: tuple[int, ...]):
+def _captioner(run_path: str, version: tuple[int, ...]) -> ImageCaptioner:
     from ris_core.captioner import load_any_captioner  # torch: only pages that caption pay for it
 
     return load_any_captioner(run_path)
 
 
-def captioner(run: Run):
+def captioner(run: Run) -> ImageCaptioner:
     """The run's `ImageCaptioner`, loaded once (CheckpointError when the checkpoint is missing or corrupt)."""
     return _captioner(*run_key(run))
 
@@ -178,14 +189,14 @@ def query_features(run: Run, image_path: Path) -> tuple[str, np.ndarray]:
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
-def _caption_cache(run_path: str, version: tuple[int, ...]):
+def _caption_cache(run_path: str, version: tuple[int, ...]) -> CaptionCache:
     from ris_core.refine import CaptionCache
 
     # In memory: the dashboard only reads run folders. Keyed by weights, so a retrained model starts afresh.
     return CaptionCache(model_key=f"{run_path}@{'.'.join(map(str, version))}")
 
 
-def caption_cache(run: Run):
+def caption_cache(run: Run) -> CaptionCache:
     """Captions and embeddings of result images for refinement, one cache per run and model version."""
     return _caption_cache(*run_key(run))
 
@@ -210,14 +221,14 @@ def refine_results(run: Run, caption: str, embedding: np.ndarray, results: list,
 
 
 @st.cache_resource(show_spinner="Indexing the catalog for text search...", max_entries=4)
-def _catalog_index(data_dir: str, data_version: tuple[int, ...], ids: tuple[int, ...]):
+def _catalog_index(data_dir: str, data_version: tuple[int, ...], ids: tuple[int, ...]) -> CatalogIndex:
     from ris_core.search.catalog import CatalogIndex
 
     cat = _catalog(data_dir, data_version)
     return CatalogIndex.build(cat.products.loc[list(ids)], cat.image_dir)
 
 
-def catalog_index(data_dir: Path, ids: list[int]):
+def catalog_index(data_dir: Path, ids: list[int]) -> CatalogIndex:
     """An in-memory FTS5 index over the given products of the data folder, built once."""
     return _catalog_index(*data_key(data_dir), tuple(int(i) for i in ids))
 
@@ -231,7 +242,7 @@ def _knn_sources(run_path: str, model_version: tuple[int, ...], data_dir: str, d
 
 @st.cache_resource(show_spinner="Reading the catalog's image index...", max_entries=3)
 def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
-               ids: tuple[int, ...]):
+               ids: tuple[int, ...]) -> ImageKnnIndex:
     from ris_core.search.image_knn import index_for_catalog
 
     cat = _catalog(data_dir, data_version)
@@ -241,7 +252,7 @@ def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, dat
                              cache_path=cached)
 
 
-def knn_index(run: Run, data_dir: Path, ids: list[int]):
+def knn_index(run: Run, data_dir: Path, ids: list[int]) -> ImageKnnIndex:
     """The image-kNN baseline over the given catalog products, embedded with the run's encoder; IndexNotBuilt
     when no stored index covers them yet (start `build_knn_index` as a job)."""
     return _knn_index(*run_key(run), *data_key(data_dir), tuple(int(i) for i in ids))
@@ -261,7 +272,7 @@ def build_knn_index(run: Run, data_dir: Path, ids: list[int], progress=None) -> 
 
 
 @st.cache_resource(show_spinner=False)
-def jobs():
+def jobs() -> Jobs:
     """The server's background jobs (evaluations, catalog embeddings): at most RIS_MAX_JOBS at once."""
     from ris_app.access import Access
     from ris_core.jobs import Jobs
@@ -305,7 +316,7 @@ def photo_rerank(run: Run, digest: str, image, greedy: str, embedding: np.ndarra
 
 
 @st.cache_resource(show_spinner=False)
-def duckduckgo():
+def duckduckgo() -> DuckDuckGoImages:
     """The web backend, one per process (it keeps its own SQLite result cache under .cache/)."""
     from ris_core.search.duckduckgo import DuckDuckGoImages
 
@@ -335,11 +346,11 @@ def thumb_uri(path: str | Path, side: int = 96) -> str | None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
-def _decoded(digest: str, _data: bytes):
+def _decoded(digest: str, _data: bytes) -> Image.Image:
     return open_image(_data)
 
 
-def decode_upload(data: bytes):
+def decode_upload(data: bytes) -> Image.Image:
     """Bytes of an uploaded file -> RGB image, decoded once per distinct file (keyed by its sha256; the image
     is shared, so callers must not modify it); ImageError with a clear message for anything unusable."""
     if not data:

@@ -292,6 +292,20 @@ def test_the_evaluate_button_runs_a_background_job_that_every_visitor_sees(evalu
     assert not at.exception and any(m.label == "BLEU-4" for m in at.metric)
 
 
+def test_the_operators_product_limit_stops_heavy_work_before_it_starts(evaluated, tiny_catalog, tmp_path,
+                                                                       monkeypatch):
+    runs = tmp_path / "runs"
+    fresh = copy_run(evaluated, runs / "fresh", with_eval=False)
+    monkeypatch.chdir(tmp_path)
+    at = dashboard(monkeypatch, runs, tiny_catalog, "pages/caption_quality.py", run=fresh, RIS_MAX_PRODUCTS="5")
+    at.button(key="quality_evaluate").click().run()
+    assert not at.exception and any("evaluates at most 5" in e.value for e in at.error)
+    assert not (fresh / "eval").exists() and not (fresh / "eval.partial").exists()
+    at = dashboard(monkeypatch, runs, tiny_catalog, "pages/search_demo.py", run=fresh, RIS_MAX_PRODUCTS="5")
+    assert not at.exception and any("embeds at most 5" in e.value for e in at.error)
+    assert not list((tmp_path / ".cache" / "knn").glob("*.npz")) if (tmp_path / ".cache" / "knn").exists() else True
+
+
 # ---------------------------------------------------------------- 4. text from files is text
 
 
