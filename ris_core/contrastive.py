@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ris_core.construction import MODEL_CONSTRUCTION
 from ris_core.files import atomic_path
 
 
@@ -76,7 +77,8 @@ def train_contrastive(image_features: np.ndarray, text_features: np.ndarray, con
     torch.manual_seed(config.seed)
     images = torch.from_numpy(np.asarray(image_features, dtype=np.float32))
     texts = torch.from_numpy(np.asarray(text_features, dtype=np.float32))
-    model = ContrastiveModel(images.shape[1], texts.shape[1], config)
+    with MODEL_CONSTRUCTION:
+        model = ContrastiveModel(images.shape[1], texts.shape[1], config)
     for projection, data in ((model.image, images), (model.text, texts)):
         projection.mean.copy_(data.mean(0))
         projection.std.copy_(data.std(0).clamp(min=1e-6))
@@ -129,7 +131,8 @@ def load_contrastive(path: Path, key: str) -> ContrastiveModel | None:
             return None
         config = ContrastiveConfig(**{f: type(getattr(ContrastiveConfig(), f))(meta[f])
                                       for f in asdict(ContrastiveConfig())})
-        model = ContrastiveModel(int(meta["image_dim"]), int(meta["text_dim"]), config)
+        with MODEL_CONSTRUCTION:
+            model = ContrastiveModel(int(meta["image_dim"]), int(meta["text_dim"]), config)
         model.load_state_dict(load_file(str(path)))
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError):
         return None

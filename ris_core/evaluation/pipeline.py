@@ -147,8 +147,8 @@ def evaluate_run(run: Run | str | Path, data_dir: Path | None = None, config: Ev
                        missing, len(split.val_ids), data_dir, len(val_ids))
     val_ids = val_ids[: config.max_products]
     train_ids = [i for i in split.train_ids if i in products.index]
-    captioner = load_any_captioner(run.path)  # before touching eval/: a corrupt checkpoint leaves no trace
     with exclusive(run.path / EVAL_LOCK, f"an evaluation of {run.name}"):
+        captioner = load_any_captioner(run.path)  # before touching eval/: a corrupt checkpoint leaves no trace
         work = files.open_workspace(run.eval_dir)
         ctx = _Context(run=run, work_dir=work, data_dir=data_dir, catalog=catalog, config=config,
                        captioner=captioner, model_key=model_digest(run), progress=progress)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ris_core.construction import MODEL_CONSTRUCTION
 from ris_core.errors import CheckpointError
 from ris_core.files import atomic_path, write_json_atomic
 from ris_core.paper_notebook.layout import (
@@ -150,7 +151,8 @@ def _layout_message(summary: str, missing: list[str], unexpected: list[str], wro
 
 
 def _build(state: Mapping[str, torch.Tensor], config: NotebookCaptionerConfig) -> NotebookCaptioner:
-    model = NotebookCaptioner(config)
+    with MODEL_CONSTRUCTION:
+        model = NotebookCaptioner(config)
     ignored = expected_shapes(config, IGNORED_BUFFERS)
     weights = {k: v for k, v in state.items() if k not in ignored}
     weights.setdefault("lm_head.weight", weights["transformer.wte.weight"])  # stored once: it is tied
