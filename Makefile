@@ -6,7 +6,7 @@ PORT ?= 8501
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install run serve test test-fast lint bench reference evaluate-reference demo-catalog clean-cache
+.PHONY: install run serve test test-fast lint bench reference evaluate-reference demo-catalog precompute-demo clean-cache
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ evaluate-reference: install
 	$(PY) -m training.evaluate --run results/runs/reference-cpu --data_dir $(SMALL)
 demo-catalog: install
 	$(PY) -m training.make_demo_catalog --source ../shared/data/fashion-product-images --run results/runs/reference-cpu --out data/demo
+# what the search demo ships precomputed for the reference run (data/demo/precomputed/; ~2 min)
+precompute-demo: install
+	$(PY) -m training.precompute_demo --run results/runs/reference-cpu --data_dir data/demo
 
 clean-cache:
 	rm -rf .cache

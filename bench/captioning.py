@@ -4,7 +4,8 @@ The floor is what captioning would cost if every floating-point operation ran at
 encoder FLOPs at the bf16 rate (the frozen backbone runs under bf16 autocast) plus decoder FLOPs at the fp32 rate.
 `x_floor` = measured seconds per caption / floor seconds per caption (1.0 would be perfect).
 Beside it, a reranked caption (ris_core/rerank.py: 5 beams + 10 catalog names, scored on both views) per image,
-and its cost as a multiple of the greedy caption's, measured in the same run on the same images.
+and its cost as a multiple of the greedy caption's, measured in the same run on the same images. `full_head_*`:
+the same figures with the plain 50,257-way output layer instead of the shortlist head (ris_core/output_head.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import demo_image_paths, reference_run
 from bench.machine import matmul_gflops
 from ris_core.images import open_image
+from ris_core.output_head import ShortlistHead
 from ris_core.rerank import RerankConfig, rerank
 
 
@@ -31,6 +33,14 @@ def load_captioner():
     spec = ModelSpec()
     model = build_captioner(spec).eval()
     return Captioner(model=model, spec=spec, name="untrained"), f"untrained build_captioner(ModelSpec()) ({why})"
+
+
+def full_output_layer(model: torch.nn.Module) -> torch.nn.Linear:
+    """The plain output layer, tied to the token embedding as saved."""
+    wte = model.decoder.transformer.wte.weight
+    head = torch.nn.Linear(wte.shape[1], wte.shape[0], bias=False)
+    head.weight = wte
+    return head
 
 
 def caption_flops(captioner, images) -> tuple[float, float, float]:
@@ -100,5 +110,17 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
         greedy = images_per_second(captioner, images[:count], batch, 1)
         out.update({f"reranked_batch_{batch}_images_per_second": round(reranked, 2),
                     f"reranked_batch_{batch}_x_greedy": round(greedy / reranked, 1)})
+    if isinstance(captioner.model.decoder.lm_head, ShortlistHead):  # the old path, side by side
+        head = captioner.model.decoder.lm_head
+        captioner.model.decoder.lm_head = full_output_layer(captioner.model)
+        try:
+            for batch, count, repeats in ((small, 2 if quick else 16, 1), (large, large, 1 if quick else 2)):
+                out[f"full_head_batch_{batch}_images_per_second"] = round(
+                    images_per_second(captioner, images[:count], batch, repeats), 2)
+            batch = 16 if not quick else 2
+            out[f"full_head_reranked_batch_{batch}_images_per_second"] = round(
+                reranked_per_second(captioner, images[: 4 if quick else 32], batch, 1), 2)
+        finally:
+            captioner.model.decoder.lm_head = head
     out.update(matmul_fp32_gflops=round(fp32, 1), matmul_bf16_gflops=round(bf16, 1))
     return out

@@ -1,4 +1,5 @@
-"""End-to-end evaluation of the reference run: `ris_core.evaluation.evaluate_run` on a copy, wall time.
+"""End-to-end evaluation of the reference run: `ris_core.evaluation.evaluate_run` on a copy, wall time and the
+seconds of each stage (the evaluation's own timings.json).
 
 The copy (in a temp folder, without checkpoints/ and eval/) keeps the real run untouched; --force recomputes
 captions and embeddings. Full: every held-out product of data/demo. --quick: a 64-product cut of data/demo.
@@ -37,9 +38,10 @@ def bench_evaluation(quick: bool = False) -> dict:
         seconds = time.perf_counter() - start
         metrics = json.loads((eval_dir / "caption_metrics.json").read_text())
         retrieval = json.loads((eval_dir / "retrieval.json").read_text())
+        stages = json.loads((eval_dir / "timings.json").read_text())["stages"]
     return {
         "model": source, "data_dir": str(data_dir if not quick else f"{DEFAULT_DATA_DIR} (64-product cut)"),
         "held_out_scored": metrics["n_scored"], "catalog_products": retrieval["catalog_size"],
         "wall_seconds": round(seconds, 1), "captioning_images_per_second": round(metrics["images_per_second"], 1),
-        "bleu_4": round(metrics["model"]["bleu_4"], 2),
+        "bleu_4": round(metrics["model"]["bleu_4"], 2), "stage_seconds": stages,
     }

@@ -139,12 +139,23 @@ def knn_job(run: Run, data_dir) -> str:
 def caption_panel(run: Run, photo: Photo, image, data_dir, train_ids: list[int], held_out: list[int],
                   limit: int | None) -> Caption:
     """Caption the photo (and rerank the caption against the catalog); shows both beside the photo."""
+    digest = hashlib.sha256(photo.data).hexdigest()
+    rerank_on = st.session_state.get("demo_rerank", True)
+    shipped = loaders.shipped_photo(run, data_dir, train_ids, digest)  # by the photo's bytes, uploads included
+    if shipped is not None:  # a gallery photo captioned ahead of time: no model needed for the first answer
+        greedy, embedding, can_rerank = shipped.greedy, shipped.embedding, shipped.reranked is not None
+        text = shipped.reranked if (rerank_on and can_rerank) else greedy
+        origin = {"greedy": "the model's own caption", "beam": "one of the model's beam hypotheses",
+                  "catalog name": "the name of a visually similar catalog product"}.get(shipped.reranked_origin, "")
+        note = (f"captioned ahead of time for the demo · {image.width}×{image.height} px"
+                + (f" · reranked ahead of time: {origin}" if rerank_on and can_rerank else ""))
+        caption_block(photo, image, held_out, greedy, text if rerank_on and can_rerank else None, note, can_rerank)
+        return Caption(greedy=greedy, text=text, embedding=embedding, note=note)
     try:
         model = loaders.captioner(run)
     except CheckpointError as err:
         st.error(f"The captioner of {md(run.name)} cannot be loaded: {say(err)}")
         st.stop()
-    digest = hashlib.sha256(photo.data).hexdigest()
     key = (str(run.path), loaders.model_stamp(run), digest)
     done = st.session_state.setdefault("demo_captions", {})  # this session's photos: "(earlier, same photo)"
     cached = key in done
@@ -153,7 +164,11 @@ def caption_panel(run: Run, photo: Photo, image, data_dir, train_ids: list[int],
             done[key] = loaders.photo_caption(run, digest, image)  # computed once for all sessions
     greedy, embedding, caption_ms = done[key]
     text, reranked_note, best = greedy, None, None
-    if model.can_rerank and st.session_state.get("demo_rerank", True):
+    block = st.empty()  # the caption is shown as soon as it exists; the reranked one replaces it when ready
+    if model.can_rerank and rerank_on:
+        with block.container():  # no toggle yet: a widget may appear only once per script run
+            caption_block(photo, image, held_out, greedy, None, f"captioned in {caption_ms:.0f} ms · reranking...",
+                          can_rerank=False)
         try:
             if visual_index(run, data_dir, train_ids, limit) is None:
                 reranked_note = "reranking waits for the catalog's image index (being built, see below)"
@@ -170,6 +185,14 @@ def caption_panel(run: Run, photo: Photo, image, data_dir, train_ids: list[int],
             reranked_note = f"reranked in {rerank_ms:.0f} ms: {origin}"
     note = (f"captioned in {caption_ms:.0f} ms" + (" (earlier, same photo)" if cached else "")
             + f" · {image.width}×{image.height} px" + (f" · {reranked_note}" if reranked_note else ""))
+    with block.container():
+        caption_block(photo, image, held_out, greedy, text if best is not None else None, note, model.can_rerank)
+    return Caption(greedy=greedy, text=text, embedding=embedding, note=note)
+
+
+def caption_block(photo: Photo, image, held_out: list[int], greedy: str, reranked: str | None, note: str,
+                  can_rerank: bool) -> None:
+    """The photo beside its label, caption, reranked caption and the reranking toggle."""
     with st.container(horizontal=True, gap="small", vertical_alignment="center"):
         st.image(square(image, 160), width=160)  # padded square: a tall photo does not push the results down
         with st.container():
@@ -177,15 +200,14 @@ def caption_panel(run: Run, photo: Photo, image, data_dir, train_ids: list[int],
                        else "Catalog product")
             st.markdown(f"**{md(photo.label)}**")
             st.markdown(f"Caption: **{md(greedy) or '(empty)'}**")
-            if best is not None:
-                st.markdown(f"Reranked: **{md(text) or '(empty)'}**")
+            if reranked is not None:
+                st.markdown(f"Reranked: **{md(reranked) or '(empty)'}**")
             st.caption(note)
-            if model.can_rerank:
+            if can_rerank:
                 st.toggle("Rerank with the catalog", value=True, key="demo_rerank",
                           help="Search with the best of the model's captions (greedy and beam) and the names of "
                                "the 10 most similar catalog images, scored as in the evaluation "
                                "(ris_core/rerank.py). Caption quality shows what it does on held-out products.")
-    return Caption(greedy=greedy, text=text, embedding=embedding, note=note)
 
 
 def search_options() -> Options:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # heavy modules: imported inside the loaders that need them
     from PIL import Image
 
     from ris_core.captioner import ImageCaptioner
+    from ris_core.demo_artifacts import DemoArtifacts, GalleryPhoto
     from ris_core.jobs import Jobs
     from ris_core.refine import CaptionCache
     from ris_core.search.catalog import CatalogIndex
@@ -136,11 +137,7 @@ def held_out_ids(run: Run, products: pd.DataFrame) -> list[int]:
 
 def training_ids(run: Run, products: pd.DataFrame) -> list[int]:
     """The data folder's products the run trained on: the searchable catalog (never a held-out product)."""
-    split = run.split()
-    held_out = set(int(i) for i in split.val_ids)
-    ids = [int(i) for i in split.train_ids if int(i) in products.index]
-    # A data folder the run never saw (no overlap with its split) is searched whole, minus held-out ids.
-    return ids or [int(i) for i in products.index if int(i) not in held_out]
+    return run.split().searchable_ids(products)
 
 
 # ---------------------------------------------------------------- models and indexes
@@ -240,12 +237,30 @@ def _knn_sources(run_path: str, model_version: tuple[int, ...], data_dir: str, d
     return Path(run_path) / "eval" / f"{eval_files.CATALOG_KNN}.npz", cached
 
 
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _demo_artifacts(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
+                    ids: tuple[int, ...]) -> DemoArtifacts | None:
+    from ris_core import demo_artifacts
+
+    cat = _catalog(data_dir, data_version)
+    return demo_artifacts.load(Path(data_dir), Path(run_path), list(ids), cat.products)
+
+
+def shipped_photo(run: Run, data_dir: Path, ids: list[int], digest: str) -> GalleryPhoto | None:
+    """A gallery photo's captions and embedding precomputed for this run and catalog (data/demo/precomputed/)."""
+    shipped = _demo_artifacts(*run_key(run), *data_key(data_dir), tuple(int(i) for i in ids))
+    return shipped.photos.get(digest) if shipped is not None else None
+
+
 @st.cache_resource(show_spinner="Reading the catalog's image index...", max_entries=3)
 def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
                ids: tuple[int, ...]) -> ImageKnnIndex:
     from ris_core.search.image_knn import index_for_catalog
 
     cat = _catalog(data_dir, data_version)
+    shipped = _demo_artifacts(run_path, model_version, data_dir, data_version, ids)
+    if shipped is not None:  # int8, precomputed for the demo: no embedding pass on a cold server
+        return shipped.knn(list(ids), cat.products, cat.image_path)
     evaluation_index, cached = _knn_sources(run_path, model_version, data_dir, data_version, ids)
     # Never embeds here (that is a job's work: `build_knn_index`); IndexNotBuilt is raised, and not cached.
     return index_for_catalog(list(ids), cat.products, cat.image_path, evaluation_index=evaluation_index,

@@ -194,6 +194,14 @@ class Split:
     def save(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))
 
+    def searchable_ids(self, products: pd.DataFrame) -> list[int]:
+        """The products of a data folder the run trained on: the catalog searched (never a held-out product).
+
+        A data folder the run never saw (no overlap with its split) is searched whole, minus held-out ids."""
+        held_out = {int(i) for i in self.val_ids}
+        ids = [int(i) for i in self.train_ids if int(i) in products.index]
+        return ids or [int(i) for i in products.index if int(i) not in held_out]
+
     @classmethod
     def load(cls, path: Path) -> Split:
         """A split.json written by `save`; RunError when it is unreadable or not a split."""

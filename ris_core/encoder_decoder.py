@@ -24,6 +24,8 @@ from ris_core.modeling import (
 )
 from ris_core.tokenizer import encode_captions, gpt2_tokenizer
 
+LIKELIHOOD_CHUNK = 64  # candidate captions per decoder pass when scoring
+
 
 @dataclass
 class Captioner(CaptionerBase):
@@ -88,7 +90,15 @@ class Captioner(CaptionerBase):
         flat = [text for texts in candidates for text in texts]
         if not flat:
             return [np.zeros(0) for _ in candidates]
-        scores = sequence_log_likelihoods(self.model, hidden[rows], _label_tensor(flat)).numpy()
+        # shortest first, in chunks padded to their own longest: names run 5-25 tokens, so one padded batch would
+        # spend about half of the decoder's work on padding
+        tokens = encode_captions(flat)
+        order = np.argsort([len(seq) for seq in tokens], kind="stable")
+        scores = np.zeros(len(flat))
+        for start in range(0, len(order), LIKELIHOOD_CHUNK):
+            chunk = order[start:start + LIKELIHOOD_CHUNK]
+            labels = _padded([tokens[i] for i in chunk])
+            scores[chunk] = sequence_log_likelihoods(self.model, hidden[[rows[i] for i in chunk]], labels).numpy()
         bounds = np.cumsum([0] + [len(texts) for texts in candidates])
         return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -117,7 +127,10 @@ class Captioner(CaptionerBase):
 
 def _label_tensor(texts: list[str]) -> torch.Tensor:
     """Caption token ids + EOS, padded with -100 (ignored by the loss)."""
-    labels = encode_captions(texts)
+    return _padded(encode_captions(texts))
+
+
+def _padded(labels: list[list[int]]) -> torch.Tensor:
     tensor = torch.full((len(labels), max(map(len, labels))), -100, dtype=torch.long)
     for row, seq in enumerate(labels):
         tensor[row, : len(seq)] = torch.tensor(seq)

@@ -27,6 +27,7 @@ from transformers import (
 from ris_core.construction import MODEL_CONSTRUCTION
 from ris_core.encoders import MobileNetTokenEncoder, MobileNetTokenEncoderConfig
 from ris_core.errors import CheckpointError, HubUnavailable
+from ris_core.output_head import token_log_probs, use_shortlist_head
 from ris_core.tokenizer import EOS_TOKEN_ID, gpt2_tokenizer
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -249,6 +250,7 @@ def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpe
             f"{model_dir}: the weights file lacks {len(missing)} tensors (e.g. {missing[0]}); it is incomplete"
         )
     model.eval()
+    use_shortlist_head(model)  # trained with the output shortlist: the same logits at a seventh of the work
     try:
         spec = ModelSpec(**spec_fields)
     except TypeError as err:
@@ -285,11 +287,11 @@ def token_cross_entropy(model: VisionEncoderDecoderModel, encoder_hidden: torch.
 
 
 def sequence_log_likelihoods(model: VisionEncoderDecoderModel, encoder_hidden: torch.Tensor,
-                             labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+                             labels: torch.Tensor) -> torch.Tensor:
     """Summed log-probability (nats, EOS included) of each row's caption: the model's score of a candidate.
 
-    The full-vocabulary softmax runs on target positions in chunks, so scoring many candidates at once does
-    not hold a (positions x 50,257) matrix in memory.
+    The softmax runs on target positions only, in chunks or on the shortlist (`ris_core.output_head`), so scoring
+    many candidates at once does not hold a (positions x 50,257) matrix in memory.
     """
     decoder_input_ids = torch.cat(
         [torch.full_like(labels[:, :1], EOS_TOKEN_ID), labels[:, :-1].clamp(min=0)], dim=1
@@ -299,9 +301,5 @@ def sequence_log_likelihoods(model: VisionEncoderDecoderModel, encoder_hidden: t
     target = labels != -100
     states, tokens = hidden[target], labels[target]
     rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(labels)[target]
-    token_logp = torch.cat([
-        torch.log_softmax(model.decoder.lm_head(states[i : i + chunk]).float(), dim=-1)
-        .gather(1, tokens[i : i + chunk, None]).squeeze(1)
-        for i in range(0, len(tokens), chunk)
-    ])
+    token_logp = token_log_probs(model.decoder.lm_head, states, tokens)
     return torch.zeros(labels.shape[0]).index_add_(0, rows, token_logp)

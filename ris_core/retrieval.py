@@ -9,38 +9,59 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ris_core.metrics import RELEVANCE_LEVELS, bootstrap_ci, paired_bootstrap_diff, ranking_metrics
+from ris_core.metrics import RELEVANCE_LEVELS, bootstrap_ci, paired_bootstrap_diff
 
 METRICS = ["p_at_1", "p_at_5", "p_at_10", "mrr", "ndcg_at_10", "zero_hit"]
 
 
-def relevant_counts(catalog: pd.DataFrame, level: str) -> pd.Series:
-    """How many catalog products share each attribute combination (the ideal for nDCG)."""
-    return catalog.groupby(list(RELEVANCE_LEVELS[level]), dropna=True).size()
-
-
 def judge_rankings(hits: list[list[int]], query_ids: list[int], products: pd.DataFrame,
                    catalog: pd.DataFrame) -> pd.DataFrame:
-    """Per query and level: ranking metrics of its hit list (columns `<level>_<metric>`)."""
-    rows = []
-    counts = {level: relevant_counts(catalog, level) for level in RELEVANCE_LEVELS}
-    attrs = products.loc[query_ids]
-    for qid, ranked in zip(query_ids, hits):
-        row: dict[str, float] = {}
-        query = attrs.loc[qid]
-        for level in RELEVANCE_LEVELS:
-            columns = list(RELEVANCE_LEVELS[level])
-            key = tuple(query[c] for c in columns)
-            if any(pd.isna(v) for v in key):
-                relevance, total = [0] * len(ranked), 0
-            else:
-                found = catalog.loc[ranked, columns] if ranked else catalog.iloc[:0][columns]
-                relevance = (found.to_numpy() == np.array(key, dtype=object)).all(axis=1).astype(int).tolist()
-                total = int(counts[level].get(key if len(key) > 1 else key[0], 0))
-            for name, value in ranking_metrics(relevance, n_relevant_total=total).items():
-                row[f"{level}_{name}"] = value
-        rows.append(row)
-    return pd.DataFrame(rows, index=pd.Index(query_ids, name="id"))
+    """Per query and level: ranking metrics of its hit list (columns `<level>_<metric>`).
+
+    Vectorised over queries (the same numbers as `ranking_metrics` on each list, tests): an evaluation judges
+    ~40 rankings of 4,443 queries, which took ~15 s each query by query in pandas."""
+    n = len(query_ids)
+    width = max((len(h) for h in hits), default=0)
+    rows = np.full((n, width), -1, dtype=np.int64)  # catalog row of each hit; -1 = no hit at that rank
+    for i, ranked in enumerate(hits):
+        rows[i, : len(ranked)] = catalog.index.get_indexer(ranked)
+    present = rows >= 0
+    lengths = np.array([len(h) for h in hits], dtype=int)
+    columns: dict[str, np.ndarray] = {}
+    for level, attributes in RELEVANCE_LEVELS.items():
+        attributes = list(attributes)
+        # one code per attribute combination over the catalog and the queries together; NaN anywhere = -1
+        both = pd.concat([catalog[attributes], products.loc[query_ids, attributes]], ignore_index=True)
+        codes = both.groupby(attributes, dropna=True, sort=False).ngroup().fillna(-1).to_numpy(np.int64)
+        catalog_codes, query_codes = codes[: len(catalog)], codes[len(catalog):]
+        totals = np.bincount(catalog_codes[catalog_codes >= 0], minlength=codes.max() + 1)
+        relevant = present & (catalog_codes[np.where(present, rows, 0)] == query_codes[:, None]) \
+            & (query_codes[:, None] >= 0)
+        total = np.where(query_codes >= 0, totals[np.maximum(query_codes, 0)], 0)
+        for name, value in _metrics(relevant.astype(float), total, lengths).items():
+            columns[f"{level}_{name}"] = value
+    ordered = [f"{level}_{name}" for level in RELEVANCE_LEVELS for name in METRICS]
+    return pd.DataFrame({c: columns[c] for c in ordered}, index=pd.Index(query_ids, name="id"))
+
+
+def _metrics(relevant: np.ndarray, total: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """`ranking_metrics` for every row of a 0/1 matrix at once (ranks beyond a row's length are 0)."""
+    def top(k: int) -> np.ndarray:
+        cut = relevant[:, :k]
+        return cut.sum(axis=1) / k
+
+    first = np.where(relevant.any(axis=1), relevant.argmax(axis=1) + 1, 0) if relevant.shape[1] else \
+        np.zeros(len(relevant), dtype=int)
+    gains = relevant[:, :10]
+    dcg = (gains / np.log2(np.arange(2, gains.shape[1] + 2))).sum(axis=1)
+    ideal_count = np.minimum(10, np.maximum(total, gains.sum(axis=1))).astype(int)
+    ideal = np.array([float((1.0 / np.log2(np.arange(2, k + 2))).sum()) for k in range(11)])
+    return {
+        "p_at_1": top(1), "p_at_5": top(5), "p_at_10": top(10),
+        "mrr": np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0),
+        "ndcg_at_10": np.where(ideal_count > 0, dcg / np.where(ideal_count > 0, ideal[ideal_count], 1.0), 0.0),
+        "zero_hit": (lengths == 0).astype(float),
+    }
 
 
 def summarize(per_query: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[dict]:

@@ -415,6 +415,41 @@ def test_search_demo_sessions_share_a_photos_caption_and_reranking(runs_root):
         [m.value for m in first.markdown if m.value.startswith(("Caption:", "Reranked:"))]
 
 
+def test_search_demo_answers_a_gallery_photo_from_the_shipped_files_without_the_model(runs_root, tiny_catalog,
+                                                                                      tmp_path, monkeypatch):
+    import json
+
+    from ris_app import loaders
+    from ris_core import demo_artifacts
+    from training.precompute_demo import main as precompute
+
+    data = shutil.copytree(tiny_catalog, tmp_path / "catalog")
+    precompute(["--run", str(runs_root / "evaluated"), "--data_dir", str(data)])
+    monkeypatch.setenv("RIS_DATA_DIR", str(data))
+    shipped = json.loads(demo_artifacts.paths(data, "evaluated")[1].read_text())
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the captioner was loaded for a photo the demo ships precomputed")
+
+    for clear in (loaders._captioner.clear, loaders._photo_caption.clear, loaders._photo_rerank.clear):
+        clear()
+    with mock.patch("ris_core.captioner.load_any_captioner", fail):
+        at = app("pages/search_demo.py", run=runs_root / "evaluated")
+    assert_clean(at)
+    assert "captioned ahead of time" in texts(at)
+    label = next(m.value for m in at.markdown if m.value.startswith("Caption: **"))
+    assert any(label == f"Caption: **{p['greedy']}**" for p in shipped["photos"]) or "(empty)" in label
+    assert "search:" in texts(at)  # the visual column answered from the int8 index, nothing embedded
+
+    # stale files (other weights) are ignored: the demo captions live again
+    meta = demo_artifacts.paths(data, "evaluated")[1]
+    meta.write_text(meta.read_text().replace(shipped["weights_sha256"], "0" * 16))
+    loaders._demo_artifacts.clear()
+    again = app("pages/search_demo.py", run=runs_root / "evaluated")
+    assert_clean(again)
+    assert "captioned ahead of time" not in texts(again) and "captioned in" in texts(again)
+
+
 @pytest.mark.parametrize("name, data, ok", [
     ("photo.png", png_bytes("RGBA", color=(10, 200, 10, 120)), True),
     ("cmyk.jpg", None, True),

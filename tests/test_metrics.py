@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import sacrebleu
 
@@ -211,3 +212,37 @@ def test_pandas_na_never_matches() -> None:
     assert not M.is_relevant({"articleType": pd.NA}, {"articleType": pd.NA}, "R1")
     with pytest.raises(KeyError):
         M.is_relevant({}, {}, "R9")
+
+
+# ---------------------------------------------------------------- judging many rankings at once
+
+
+def test_judging_all_queries_at_once_equals_ranking_metrics_on_each_list() -> None:
+    """`judge_rankings` (vectorised) against `ranking_metrics` per query, with NaN attributes, short, empty and
+    repeated hit lists, and hits whose attributes are missing."""
+    from ris_core.metrics import RELEVANCE_LEVELS, ranking_metrics
+    from ris_core.retrieval import judge_rankings
+
+    rng = np.random.default_rng(0)
+    n = 300
+    frame = pd.DataFrame({
+        "articleType": rng.choice(["Shirts", "Jeans", "Watches", None], n, p=[0.4, 0.3, 0.25, 0.05]),
+        "baseColour": rng.choice(["Red", "Blue", None], n, p=[0.5, 0.45, 0.05]),
+        "gender": rng.choice(["Men", "Women"], n),
+    }, index=pd.Index(np.arange(1000, 1000 + n), name="id"))
+    catalog = frame.iloc[:200]
+    query_ids = frame.index[200:].tolist()
+    hits = [rng.choice(catalog.index, size=rng.integers(0, 13), replace=False).tolist() for _ in query_ids]
+    hits[0], hits[1] = [], [int(catalog.index[0])]
+    judged = judge_rankings(hits, query_ids, frame, catalog)
+    for qid, ranked in zip(query_ids, hits, strict=True):
+        for level, columns in RELEVANCE_LEVELS.items():
+            key = tuple(frame.loc[qid, list(columns)])
+            if any(pd.isna(v) for v in key):
+                relevance, total = [0] * len(ranked), 0
+            else:
+                found = catalog.loc[ranked, list(columns)].to_numpy()
+                relevance = [int(all(a == b for a, b in zip(row, key))) for row in found]
+                total = int((catalog[list(columns)] == pd.Series(key, index=list(columns))).all(axis=1).sum())
+            for name, value in ranking_metrics(relevance, n_relevant_total=total).items():
+                assert judged.loc[qid, f"{level}_{name}"] == pytest.approx(value, abs=1e-12), (qid, level, name)

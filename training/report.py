@@ -1,6 +1,7 @@
 """Print a run's headline tables as Markdown (the README's tables come from here).
 
     python -m training.report --run results/runs/reference-cpu
+    python -m training.report --compare results/runs/reference-cpu results/runs/grouped-cpu   # the splits side by side
 """
 
 from __future__ import annotations
@@ -153,10 +154,52 @@ def refinement_table(run: Run, level: str = "R1") -> str:
     return "\n".join(lines)
 
 
+def _row(summary: dict, strategy: str | None, subset: str = "all", level: str = "R1") -> dict:
+    return next((r for r in summary.get("rows", []) if r["strategy"] == strategy and r["subset"] == subset
+                 and r["level"] == level), {})
+
+
+def _generalisation(run: Run) -> dict[str, str]:
+    """One run's column of `compare_table`."""
+    metrics, summary = _summaries(run)
+    best = (summary.get("verdict") or {}).get("best") or {}
+    novel = (metrics.get("subsets") or {}).get("novel") or {}
+    column = {
+        "split": "by name" if run.info().get("args", {}).get("split_by") == "name" else "by product",
+        "held out (novel)": f"{metrics.get('n_scored', 0):,} ({metrics.get('n_novel', 0):,})",
+        "best val perplexity (training)": _fmt(run.history()["val_perplexity"].min()),
+    }
+    for decoding, name in (("model", "greedy"), ("reranked", "reranked")):
+        for key, label, digits in (("bleu_4", "BLEU-4", 1), ("cider_d", "CIDEr-D", 2),
+                                   ("last_two_match", "last-two match", 3)):
+            everyone = _fmt((metrics.get(decoding) or {}).get(key), digits)
+            unseen = _fmt((novel.get(decoding) or {}).get(key), digits)
+            column[f"{label}, {name}: all / novel"] = f"{everyone} / {unseen}"
+    for kind in ("caption", "visual", "hybrid"):
+        column[f"best {kind} row (by P@10 R1)"] = best.get(kind, "")
+        for key, label in (("p_at_10", "P@10"), ("mrr", "MRR")):
+            column[f"{kind}: {label} R1, all / novel"] = (f"{_fmt(_row(summary, best.get(kind)).get(key))} / "
+                                                          f"{_fmt(_row(summary, best.get(kind), 'novel').get(key))}")
+    return column
+
+
+def compare_table(runs: list[Run]) -> str:
+    """The generalisation figures of several runs side by side (e.g. a random and a grouped split)."""
+    columns = [_generalisation(run) for run in runs]
+    lines = ["| | " + " | ".join(run.name for run in runs) + " |", "|---|" + "---:|" * len(runs)]
+    lines += [f"| {label} | " + " | ".join(c.get(label, "") for c in columns) + " |" for label in columns[0]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", type=Path)
+    target.add_argument("--compare", type=Path, nargs="+", help="runs to put side by side")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare_table([Run(path) for path in args.compare]))
+        return
     run = Run(args.run)
     print("### Training history\n\n" + history_table(run))
     if (run.eval_dir / files.CAPTION_METRICS).is_file():

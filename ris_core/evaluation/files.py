@@ -32,6 +32,7 @@ CATALOG_KNN = "catalog_knn"  # .npz (arrays) + .json (names, paths)
 REFINE_CACHE = "refine_cache.sqlite"
 NAME_EMBEDDINGS = "name_embeddings.npy"  # the catalog names' MiniLM embeddings
 CONTRASTIVE = "contrastive.safetensors"  # the contrastive visual baseline's projections
+TIMINGS = "timings.json"  # wall seconds per stage of the evaluation that wrote this set (reused parts are fast)
 RENAMED = {"image_knn": "image_knn:encoder"}  # rows of evaluations written before the verdict rows existed
 
 # What the summaries' fields must be (checked on reading: a field of the wrong type is dropped and reported).

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -40,7 +41,7 @@ from ris_core.rerank import RerankConfig, rerank
 from ris_core.retrieval import judge_rankings, paired_difference
 from ris_core.runs import Run
 from ris_core.schema import problems
-from ris_core.search import SearchResult, search_safely
+from ris_core.search import SearchResult
 from ris_core.search.catalog import CatalogIndex
 from ris_core.search.image_knn import ImageKnnIndex
 from ris_core.sentence_encoder import EncoderUnavailable, SentenceEncoder, cosine_rows
@@ -84,6 +85,7 @@ class _Context:
     model_key: str
     progress: ProgressHook | None
     state: dict = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, written to timings.json
 
     @property
     def products(self) -> pd.DataFrame:
@@ -94,6 +96,12 @@ class _Context:
 
     def save_state(self) -> None:
         write_json_atomic(self.path(files.STATE), self.state)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 2)
 
     def steps(self, items: Iterable[T], desc: str, total: int, unit: str = "it") -> Iterator[T]:
         """Iterate with a tqdm bar (CLI) and the progress hook (pages)."""
@@ -185,45 +193,57 @@ def _read_state(path: Path) -> dict:
 def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: int) -> dict:
     """Steps 2-6 into the workspace; returns caption_metrics.json's content."""
     config, products, catalog = ctx.config, ctx.products, ctx.catalog
+    started = time.perf_counter()
     # 2. Caption every held-out image (reused when the same model already captioned the same products)
-    captions, val_emb, val_key = _caption_held_out(ctx, val_ids)
+    with ctx.timed("captioning held-out"):
+        captions, val_emb, val_key = _caption_held_out(ctx, val_ids)
     # 3. The visual index over training products (image kNN baseline and nearest-neighbour captions)
-    knn, knn_key = _catalog_knn(ctx, train_ids)
-    neighbours = [knn.search_vector(vec, k=config.k) for vec in val_emb]
+    with ctx.timed("embedding the training catalog"):
+        knn, knn_key = _catalog_knn(ctx, train_ids)
+        neighbours = [knn.search_vector(vec, k=config.k) for vec in val_emb]
     # 3b. Reranked captions: the best of the model's captions and the names of the visually nearest training
     # products (retrieval-augmented decoding, ris_core/rerank.py), scored beside greedy, never instead
-    captions = _rerank_held_out(ctx, captions, val_emb, knn, rerank_key=digest(
-        val_key, knn_key, sorted(asdict(config.rerank).items())))
+    with ctx.timed("reranking"):
+        captions = _rerank_held_out(ctx, captions, val_emb, knn, rerank_key=digest(
+            val_key, knn_key, sorted(asdict(config.rerank).items())))
     # 4. Caption metrics, beside the nearest-neighbour-caption baseline, for all, seen and novel products
-    train_names = products.loc[knn.ids, "productDisplayName"].tolist()
-    captions["seen"] = verdict.seen_flags(captions["reference"], train_names)
-    encoder = _sentence_encoder()
-    captions, metrics = _caption_metrics(ctx, captions, neighbours, missing, catalog_size=len(knn.ids),
-                                         encoder=encoder)
-    write_json_atomic(ctx.path(files.CAPTION_METRICS), metrics)
+    with ctx.timed("caption metrics"):
+        train_names = products.loc[knn.ids, "productDisplayName"].tolist()
+        captions["seen"] = verdict.seen_flags(captions["reference"], train_names)
+        encoder = _sentence_encoder()
+        captions, metrics = _caption_metrics(ctx, captions, neighbours, missing, catalog_size=len(knn.ids),
+                                             encoder=encoder)
+        write_json_atomic(ctx.path(files.CAPTION_METRICS), metrics)
     # 5. Every strategy's query against the catalog of training products; oracle and image kNN beside them
-    train_products = products.loc[knn.ids.tolist()]
-    index = CatalogIndex.build(train_products, catalog.image_dir)
-    frames, hits_of = _search_strategies(ctx, captions, index, train_products)
-    query_ids = captions["id"].tolist()
+    with ctx.timed("searching the strategies"):
+        train_products = products.loc[knn.ids.tolist()]
+        index = CatalogIndex.build(train_products, catalog.image_dir)
+        frames, hits_of = _search_strategies(ctx, captions, index, train_products)
+        query_ids = captions["id"].tolist()
     # 5b. Visual baselines (the encoder's features; a contrastive image-text model trained on the training names)
-    spaces = baselines.spaces(val_emb, knn.vectors, knn.ids, *_contrastive(ctx, knn, train_names, encoder))
-    for space in ctx.steps(spaces, "visual baselines", total=len(spaces), unit="baseline"):
-        hits_of[space.name] = [ranked[: config.k] for ranked in space.top(config.k)]
-        frames.append(_per_query("visual", space.name, [""] * len(query_ids), hits_of[space.name], query_ids,
-                                 products, train_products))
+    with ctx.timed("visual baselines"):
+        spaces = baselines.spaces(val_emb, knn.vectors, knn.ids, *_contrastive(ctx, knn, train_names, encoder))
+        for space in ctx.steps(spaces, "visual baselines", total=len(spaces), unit="baseline"):
+            hits_of[space.name] = [ranked[: config.k] for ranked in space.top(config.k)]
+            frames.append(_per_query("visual", space.name, [""] * len(query_ids), hits_of[space.name], query_ids,
+                                     products, train_products))
     # 5c. Hybrids: the best caption strategy's text results fused with the best visual baseline's neighbours
     if config.hybrids:
-        frames += _hybrids(ctx, captions, frames, index, spaces, train_products)
+        with ctx.timed("hybrids"):
+            frames += _hybrids(ctx, captions, frames, index, spaces, train_products)
     # 6. Result refinement (paper IV-B) on a seeded subset: re-rank each strategy's hits by agreement
     if config.refine_queries > 0:
-        frames += _refined(ctx, captions, val_emb, hits_of, train_products)
-    per_query = pd.concat(frames, ignore_index=True)
-    per_query.insert(1, "seen", per_query["id"].map(dict(zip(captions["id"], captions["seen"]))).astype(bool))
-    write_csv_atomic(ctx.path(files.RETRIEVAL), per_query.round(4))
-    summary = _retrieval_summary(ctx, per_query, n_queries=len(captions), catalog_size=len(index),
-                                 reranked="reranked" in captions)
-    write_json_atomic(ctx.path(files.RETRIEVAL_SUMMARY), summary)
+        with ctx.timed("refinement"):
+            frames += _refined(ctx, captions, val_emb, hits_of, train_products)
+    with ctx.timed("summaries and intervals"):
+        per_query = pd.concat(frames, ignore_index=True)
+        per_query.insert(1, "seen", per_query["id"].map(dict(zip(captions["id"], captions["seen"]))).astype(bool))
+        write_csv_atomic(ctx.path(files.RETRIEVAL), per_query.round(4))
+        summary = _retrieval_summary(ctx, per_query, n_queries=len(captions), catalog_size=len(index),
+                                     reranked="reranked" in captions)
+        write_json_atomic(ctx.path(files.RETRIEVAL_SUMMARY), summary)
+    write_json_atomic(ctx.path(files.TIMINGS), {"stages": ctx.seconds,
+                                                 "total_seconds": round(time.perf_counter() - started, 1)})
     return metrics
 
 
@@ -284,11 +304,9 @@ def _hybrids(ctx: _Context, captions: pd.DataFrame, frames: list[pd.DataFrame], 
     space = next(s for s in spaces if s.name == visual.iloc[0]["strategy"])
     column = {"caption": "generated", "reranked": "reranked"}[source]
     function = STRATEGIES[strategy.split(":", 1)[-1]]
-    text_hits, text_scores = [], []
-    for caption in ctx.steps(captions[column], f"deep text search ({strategy})", total=len(captions), unit="q"):
-        results = search_safely(index, function(caption), k=baselines.DEPTH).results
-        text_hits.append([r.product_id for r in results])
-        text_scores.append([r.score or 0.0 for r in results])
+    responses = index.search_many([function(c) for c in captions[column]], k=baselines.DEPTH)
+    text_hits = [[r.product_id for r in response.results] for response in responses]
+    text_scores = [[r.score or 0.0 for r in response.results] for response in responses]
     articles = ctx.products.loc[captions["id"], "articleType"].to_numpy()
     quality = baselines.r1_quality(articles, train_products["articleType"].to_dict())
     fused = baselines.hybrids(text_hits, text_scores, space, quality, k=ctx.config.k)
@@ -456,7 +474,7 @@ def _search_strategies(ctx: _Context, captions: pd.DataFrame, index: CatalogInde
     query_ids = captions["id"].tolist()
     for source, name, fn, texts in ctx.steps(jobs, "searching", total=len(jobs), unit="strategy"):
         queries = [fn(t) for t in texts]
-        hits = [[r.product_id for r in search_safely(index, q, k=ctx.config.k).results] for q in queries]
+        hits = [[r.product_id for r in response.results] for response in index.search_many(queries, k=ctx.config.k)]
         frames.append(_per_query(source, name, queries, hits, query_ids, ctx.products, train_products))
         hits_of[name] = hits
     return frames, hits_of

@@ -21,6 +21,7 @@ import pandas as pd
 
 from ris_core.files import atomic_path
 from ris_core.search import SearchResponse, SearchResult
+from ris_core.search.bm25 import BM25Matrix
 
 SCHEMA_VERSION = "1"
 MAX_TERMS = 64  # a caption has ~10-20 words; more terms only slow bm25 down without changing the top hits
@@ -40,7 +41,8 @@ FIELDS: list[tuple[str, str, float]] = [
     ("season", "season", 0.5),
     ("usage", "usage", 0.5),
 ]
-_WEIGHTS = ", ".join(str(w) for _, _, w in FIELDS) + ", 0.0"  # the last, unindexed column is the image path
+_WEIGHT_LIST = [w for _, _, w in FIELDS] + [0.0]  # the last, unindexed column is the image path
+_WEIGHTS = ", ".join(map(str, _WEIGHT_LIST))
 _FTS_COLUMNS = ", ".join(c for c, _, _ in FIELDS) + ", image UNINDEXED"
 _TOKENIZER = "unicode61 remove_diacritics 2"
 
@@ -154,6 +156,9 @@ class CatalogIndex:
         self._lock = threading.Lock()
         self.db_path = str(db_path)
         self.reused = False  # True when `build` found an up-to-date file and skipped indexing
+        self._matrix: BM25Matrix | None = None
+        self._titles: list[str] = []
+        self._images: list[str] = []
         self._len = int(conn.execute("SELECT count(*) FROM products").fetchone()[0])
 
     @classmethod
@@ -208,27 +213,53 @@ class CatalogIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def matrix(self) -> BM25Matrix:
+        """The same bm25 as a sparse matrix (built on first use, ~1 s for 44k products): fast and batched."""
+        with self._lock:
+            if self._matrix is None:
+                self._matrix = BM25Matrix.from_fts5(self._conn, "products", _WEIGHT_LIST, _TOKENIZER)
+                rows = self._conn.execute("SELECT name, image FROM products ORDER BY rowid").fetchall()
+                self._titles = [r[0] for r in rows]
+                self._images = [r[1] for r in rows]
+            return self._matrix
+
     def search(self, query: str, k: int = 10, mode: str = "any") -> SearchResponse:
         """Top `k` products for any text, best first; `score` is -bm25 (larger = better).
 
         mode="any" matches products containing at least one word (bm25 puts products matching more
         and rarer words first); mode="all" requires every word. Text without any word gives no results.
         """
+        return self.search_many([query], k=k, mode=mode)[0]
+
+    def search_many(self, queries: list[str], k: int = 10, mode: str = "any") -> list[SearchResponse]:
+        """`search` for every query, scored together; the same rankings as FTS5's own `bm25()` (tests)."""
         start = time.perf_counter()
-        match = fts_query(query_terms(query), mode)  # validates mode even for empty queries
-        results: list[SearchResult] = []
-        if match and k > 0:
-            sql = (
-                f"SELECT rowid, name, image, bm25(products, {_WEIGHTS}) AS r FROM products "
-                "WHERE products MATCH ? ORDER BY r, rowid LIMIT ?"
-            )
-            with self._lock:
-                rows = self._conn.execute(sql, (match, int(k))).fetchall()
-            results = [
-                SearchResult(rank=i, title=name, image=image, product_id=int(pid), score=-float(bm))
-                for i, (pid, name, image, bm) in enumerate(rows, start=1)
-            ]
-        return SearchResponse(query=query, backend=self.name, results=results, seconds=time.perf_counter() - start)
+        terms = [query_terms(q) for q in queries]
+        matches = [fts_query(t, mode) for t in terms]  # validates mode even for empty queries
+        answers: list[list[tuple[int, str, str, float]] | None] = [[] for _ in queries]
+        batched = [i for i, t in enumerate(terms) if t and k > 0]
+        if mode == "any" and batched:
+            matrix = self.matrix
+            batched = [i for i in batched if not matrix.phrase_terms(terms[i])]
+            for i, best in zip(batched, matrix.top_k([terms[i] for i in batched], k)):
+                answers[i] = [(int(matrix.ids[j]), self._titles[j], self._images[j], score) for j, score in best]
+        done = set(batched) if mode == "any" else set()
+        for i, match in enumerate(matches):
+            if match and k > 0 and i not in done:
+                answers[i] = self._fts5(match, k)
+        seconds = (time.perf_counter() - start) / max(len(queries), 1)
+        return [SearchResponse(query=q, backend=self.name, seconds=seconds, results=[
+            SearchResult(rank=r, title=title, image=image, product_id=pid, score=score)
+            for r, (pid, title, image, score) in enumerate(found, start=1)]) for q, found in zip(queries, answers)]
+
+    def _fts5(self, match: str, k: int) -> list[tuple[int, str, str, float]]:
+        """FTS5's own ranking: the reference, and the path for phrases and mode="all"."""
+        sql = (f"SELECT rowid, name, image, bm25(products, {_WEIGHTS}) AS r FROM products "
+               "WHERE products MATCH ? ORDER BY r, rowid LIMIT ?")
+        with self._lock:
+            rows = self._conn.execute(sql, (match, int(k))).fetchall()
+        return [(int(pid), name, image, -float(bm)) for pid, name, image, bm in rows]
 
 
 def naive_search(products: pd.DataFrame, query: str, k: int = 10, image_dir: Path | None = None) -> SearchResponse:

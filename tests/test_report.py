@@ -1,0 +1,37 @@
+"""training.report prints the README's tables from a run's files (here: the committed reference evaluation)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ris_core.runs import Run
+from training.report import compare_table, main
+
+REFERENCE = Path(__file__).resolve().parents[1] / "results/runs/reference-cpu"
+
+
+def test_the_comparison_puts_each_runs_figures_in_its_own_column(tmp_path: Path) -> None:
+    other = tmp_path / "grouped"
+    shutil.copytree(REFERENCE, other, ignore=shutil.ignore_patterns("model", "split.json"))
+    info = json.loads((other / "run.json").read_text())
+    info["args"]["split_by"] = "name"
+    (other / "run.json").write_text(json.dumps(info))
+    metrics = json.loads((other / "eval/caption_metrics.json").read_text())
+    metrics["subsets"]["novel"]["model"]["bleu_4"] = 12.345
+    (other / "eval/caption_metrics.json").write_text(json.dumps(metrics))
+    table = compare_table([Run(REFERENCE), Run(other)]).splitlines()
+    assert table[0] == "| | reference-cpu | grouped |"
+    assert "| split | by product | by name |" in table
+    bleu = next(line for line in table if line.startswith("| BLEU-4, greedy"))
+    assert bleu == "| BLEU-4, greedy: all / novel | 27.0 / 17.2 | 27.0 / 12.3 |"
+    assert any(line.startswith("| hybrid: P@10 R1, all / novel | 0.821 / 0.784 |") for line in table)
+
+
+def test_the_report_prints_every_section(capsys) -> None:
+    main(["--run", str(REFERENCE)])
+    out = capsys.readouterr().out
+    for heading in ("### Training history", "### Caption quality: seen and novel products", "### Verdict (R1)",
+                    "### Retrieval (R1, novel products)", "### Refinement (R3)"):
+        assert heading in out
