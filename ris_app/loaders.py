@@ -260,7 +260,7 @@ def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, dat
     cat = _catalog(data_dir, data_version)
     shipped = _demo_artifacts(run_path, model_version, data_dir, data_version, ids)
     if shipped is not None:  # int8, precomputed for the demo: no embedding pass on a cold server
-        return shipped.knn(list(ids), cat.products, cat.image_path)
+        return shipped.knn(cat.products, cat.image_path)
     evaluation_index, cached = _knn_sources(run_path, model_version, data_dir, data_version, ids)
     # Never embeds here (that is a job's work: `build_knn_index`); IndexNotBuilt is raised, and not cached.
     return index_for_catalog(list(ids), cat.products, cat.image_path, evaluation_index=evaluation_index,

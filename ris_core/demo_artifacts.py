@@ -75,7 +75,7 @@ def save(data_dir: Path, run_name: str, *, weights: str, catalog: str, knn: Imag
          photos: list[GalleryPhoto], photo_sha: list[str], recall: float) -> tuple[Path, Path]:
     npz, meta = paths(data_dir, run_name)
     codes, scales = quantize(knn.vectors)
-    embeddings = np.stack([p.embedding for p in photos]).astype(np.float16) if photos else np.zeros((0, knn.dim))
+    embeddings = np.stack([p.embedding for p in photos]) if photos else np.zeros((0, knn.dim))
     with atomic_path(npz) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, knn_ids=knn.ids, knn_codes=codes, knn_scales=scales,
                             photo_embeddings=embeddings.astype(np.float16))
@@ -95,7 +95,7 @@ class DemoArtifacts:
     photos: dict[str, GalleryPhoto]  # by the sha256 of the photo's bytes
     recall_at_10: float
 
-    def knn(self, ids: list[int], products: pd.DataFrame, image_path) -> ImageKnnIndex:
+    def knn(self, products: pd.DataFrame, image_path) -> ImageKnnIndex:
         return ImageKnnIndex(self.knn_ids, self.knn_vectors, [str(image_path(int(i))) for i in self.knn_ids],
                              products.loc[self.knn_ids, "productDisplayName"].astype(str).tolist())
 

@@ -54,7 +54,7 @@ def test_artifacts_load_for_their_run_and_catalog(shipped) -> None:
     loaded = demo_artifacts.load(data, run, ids, products)
     assert loaded is not None and loaded.recall_at_10 == 0.99
     assert loaded.photos["abc"].reranked == "Titan Black Watch" and loaded.photos["abc"].product_id == 13
-    knn = loaded.knn(ids, products, lambda i: Path(f"/images/{i}.jpg"))
+    knn = loaded.knn(products, lambda i: Path(f"/images/{i}.jpg"))
     assert knn.names == ["Red Shirt", "Blue Jeans"] and knn.image_paths[0] == "/images/11.jpg"
 
 

@@ -114,6 +114,7 @@ class BM25Matrix:
         data = np.ones(len(rows), dtype=np.float64)
         return sparse.csr_matrix((data, (rows, cols)), shape=(len(queries), len(self.vocabulary)))
 
+
 def _best(rows: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The `k` best (row, score), best first, ties by ascending row (FTS5's ORDER BY bm25, rowid)."""
     if k <= 0 or not len(rows):

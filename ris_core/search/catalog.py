@@ -237,7 +237,7 @@ class CatalogIndex:
         start = time.perf_counter()
         terms = [query_terms(q) for q in queries]
         matches = [fts_query(t, mode) for t in terms]  # validates mode even for empty queries
-        answers: list[list[tuple[int, str, str, float]] | None] = [[] for _ in queries]
+        answers: list[list[tuple[int, str, str, float]]] = [[] for _ in queries]
         batched = [i for i, t in enumerate(terms) if t and k > 0]
         if mode == "any" and batched:
             matrix = self.matrix
