@@ -6,11 +6,16 @@ encoder FLOPs at the bf16 rate (the frozen backbone runs under bf16 autocast) pl
 Beside it, a reranked caption (ris_core/rerank.py: 5 beams + 10 catalog names, scored on both views) per image,
 and its cost as a multiple of the greedy caption's, measured in the same run on the same images. `full_head_*`:
 the same figures with the plain 50,257-way output layer instead of the shortlist head (ris_core/output_head.py).
+`rerank_stage_ms_per_image`: one reranked batch of 16 split into its stages (one encoder pass per view, the beams,
+the likelihoods of both views), beside the likelihoods with each candidate's cross-attention keys and values
+projected again (the path before `ris_core.modeling.cross_attention_cache`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,7 +24,7 @@ from bench.common import demo_image_paths, reference_run
 from bench.machine import matmul_gflops
 from ris_core.images import open_image
 from ris_core.output_head import ShortlistHead
-from ris_core.rerank import RerankConfig, rerank
+from ris_core.rerank import RerankConfig, candidate_pool, rerank
 
 
 def load_captioner():
@@ -83,6 +88,45 @@ def reranked_per_second(captioner, images, batch_size: int, repeats: int) -> flo
     return len(images) / best
 
 
+def rerank_stages(captioner, images, repeats: int) -> dict:
+    """Milliseconds per image of each reranking stage on one batch, best of `repeats` (after a warm-up)."""
+    from PIL import ImageOps
+
+    from ris_core.encoder_decoder import _padded
+    from ris_core.modeling import sequence_log_likelihoods
+    from ris_core.tokenizer import encode_captions
+
+    config = RerankConfig()
+    names = [(f"Brand{i} Men Blue Printed Round Neck T-shirt", 0.9 - 0.01 * i) for i in range(config.k)]
+    mirrored = [ImageOps.mirror(im) for im in images]
+    best: dict[str, float] = {}
+
+    @contextmanager
+    def timed(stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        best[stage] = min(best.get(stage, float("inf")), time.perf_counter() - start)
+
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            with timed("encoder, both views"):
+                views = captioner.encode(images), captioner.encode(mirrored)
+            with timed("beams"):
+                beams = captioner.n_best(views[0], config.num_beams)
+            texts = [list(candidate_pool(b, names, config.generated_margin)) for b in beams]
+            with timed("likelihoods, both views"):
+                for view in views:
+                    captioner.log_likelihoods(view, texts)
+            rows = torch.tensor([i for i, ts in enumerate(texts) for _ in ts])
+            labels = _padded(encode_captions([t for ts in texts for t in ts]))
+            hidden = views[0].hidden
+            with timed("likelihoods, one view, one padded pass, shared cross-attention"):
+                sequence_log_likelihoods(captioner.model, hidden, labels, rows)
+            with timed("likelihoods, one view, one padded pass, cross-attention per candidate"):
+                sequence_log_likelihoods(captioner.model, hidden[rows], labels)
+    return {stage: round(seconds / len(images) * 1000, 2) for stage, seconds in best.items()}
+
+
 def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16_gflops: float | None = None) -> dict:
     torch.manual_seed(0)
     captioner, source = load_captioner()
@@ -110,6 +154,8 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
         greedy = images_per_second(captioner, images[:count], batch, 1)
         out.update({f"reranked_batch_{batch}_images_per_second": round(reranked, 2),
                     f"reranked_batch_{batch}_x_greedy": round(greedy / reranked, 1)})
+    if hasattr(captioner, "encode"):
+        out["rerank_stage_ms_per_image"] = rerank_stages(captioner, images[: 4 if quick else 16], 1 if quick else 3)
     if isinstance(captioner.model.decoder.lm_head, ShortlistHead):  # the old path, side by side
         head = captioner.model.decoder.lm_head
         captioner.model.decoder.lm_head = full_output_layer(captioner.model)

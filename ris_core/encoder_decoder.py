@@ -27,6 +27,15 @@ from ris_core.tokenizer import encode_captions, gpt2_tokenizer
 LIKELIHOOD_CHUNK = 64  # candidate captions per decoder pass when scoring
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A batch of images after the encoder: pass it instead of the images to skip encoding them again."""
+
+    raw: torch.Tensor  # encoder tokens, as generate() takes them
+    hidden: torch.Tensor  # the same at the decoder's width (cross-attention input)
+    pooled: torch.Tensor  # (B, D) image embedding before normalisation
+
+
 @dataclass
 class Captioner(CaptionerBase):
     model: torch.nn.Module
@@ -50,8 +59,11 @@ class Captioner(CaptionerBase):
         processor = image_processor(self.spec)
         return processor(images=squared, return_tensors="pt")["pixel_values"]
 
-    def _encode(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(encoder tokens, the same projected to the decoder's width, pooled image embedding)."""
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image] | Encoded) -> Encoded:
+        """One encoder pass: what greedy, beams and candidate likelihoods of these images all start from."""
+        if isinstance(images, Encoded):
+            return images
         pixels = self.preprocess(images)
         encoder = self.model.encoder
         if hasattr(encoder, "backbone_maps"):
@@ -63,13 +75,14 @@ class Captioner(CaptionerBase):
             pooled = raw.mean(dim=1)
         projection = getattr(self.model, "enc_to_dec_proj", None)
         hidden = projection(raw) if projection is not None and _has_projection(self.model) else raw
-        return raw, hidden, pooled
+        return Encoded(raw=raw, hidden=hidden, pooled=pooled)
 
     @torch.no_grad()
     def run_batch(self, images: list[Image.Image], references: list[str] | None = None, num_beams: int = 1,
                   max_new_tokens: int = 32) -> CaptionBatch:
-        raw, hidden, pooled = self._encode(images)
-        out = CaptionBatch(captions=[], embeddings=torch.nn.functional.normalize(pooled, dim=1).numpy())
+        encoded = self.encode(images)
+        raw, hidden = encoded.raw, encoded.hidden
+        out = CaptionBatch(captions=[], embeddings=torch.nn.functional.normalize(encoded.pooled, dim=1).numpy())
         if references is not None:
             loss, tokens = token_cross_entropy(self.model, hidden, _label_tensor(references))
             out.loss_sum, out.tokens = loss.item() * tokens, tokens
@@ -83,9 +96,9 @@ class Captioner(CaptionerBase):
         return out
 
     @torch.no_grad()
-    def log_likelihoods(self, images: list[Image.Image], candidates: list[list[str]]) -> list[np.ndarray]:
+    def log_likelihoods(self, images: list[Image.Image] | Encoded, candidates: list[list[str]]) -> list[np.ndarray]:
         """The model's summed log-probability of each image's candidate captions (one array per image)."""
-        _, hidden, _ = self._encode(images)
+        hidden = self.encode(images).hidden
         rows = [i for i, texts in enumerate(candidates) for _ in texts]
         flat = [text for texts in candidates for text in texts]
         if not flat:
@@ -98,20 +111,22 @@ class Captioner(CaptionerBase):
         for start in range(0, len(order), LIKELIHOOD_CHUNK):
             chunk = order[start:start + LIKELIHOOD_CHUNK]
             labels = _padded([tokens[i] for i in chunk])
-            scores[chunk] = sequence_log_likelihoods(self.model, hidden[[rows[i] for i in chunk]], labels).numpy()
+            images_used, image_of = torch.unique(torch.tensor([rows[i] for i in chunk]), return_inverse=True)
+            scores[chunk] = sequence_log_likelihoods(self.model, hidden[images_used], labels, image_of).numpy()
         bounds = np.cumsum([0] + [len(texts) for texts in candidates])
         return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     @torch.no_grad()
-    def n_best(self, images: list[Image.Image], num_beams: int = 5, max_new_tokens: int = 32) -> list[list[str]]:
+    def n_best(self, images: list[Image.Image] | Encoded, num_beams: int = 5,
+               max_new_tokens: int = 32) -> list[list[str]]:
         """Each image's beam-search hypotheses, likeliest first (candidates for reranking)."""
-        raw, _, _ = self._encode(images)
+        raw = self.encode(images).raw
         generated = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=raw),
                                         attention_mask=torch.ones(raw.shape[:2], dtype=torch.long),
                                         num_beams=num_beams, num_return_sequences=num_beams,
                                         max_new_tokens=max_new_tokens)
         texts = [c.strip() for c in gpt2_tokenizer().batch_decode(generated, skip_special_tokens=True)]
-        return [texts[i * num_beams : (i + 1) * num_beams] for i in range(len(images))]
+        return [texts[i * num_beams : (i + 1) * num_beams] for i in range(raw.shape[0])]
 
     @torch.no_grad()
     def embed(self, images: list[Image.Image]) -> np.ndarray:

@@ -54,13 +54,16 @@ def score(log_likelihood: float, similarity: float, text: str, config: RerankCon
 def rerank(captioner, images: list[Image.Image], greedy: list[str], neighbours: list[list[tuple[str, float]]],
            config: RerankConfig = RerankConfig()) -> list[list[Candidate]]:
     """Per image, its candidates best first (an empty list if it has none)."""
-    hypotheses = captioner.n_best(images, config.num_beams) if config.num_beams > 1 else [[] for _ in images]
+    # one encoder pass per view, shared by the beams and the likelihoods, where the captioner can hand it over
+    encode = getattr(captioner, "encode", lambda views: views)
+    direct = encode(images)
+    hypotheses = captioner.n_best(direct, config.num_beams) if config.num_beams > 1 else [[] for _ in images]
     pools = [candidate_pool([g, *h], n, config.generated_margin)
              for g, h, n in zip(greedy, hypotheses, neighbours, strict=True)]
     texts = [list(pool) for pool in pools]
-    likelihoods = captioner.log_likelihoods(images, texts)
+    likelihoods = captioner.log_likelihoods(direct, texts)
     if config.mirror:
-        mirrored = captioner.log_likelihoods([ImageOps.mirror(im) for im in images], texts)
+        mirrored = captioner.log_likelihoods(encode([ImageOps.mirror(im) for im in images]), texts)
         likelihoods = [a + b for a, b in zip(likelihoods, mirrored)]
     ranked = []
     for pool, names, scores in zip(pools, texts, likelihoods):

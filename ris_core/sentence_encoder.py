@@ -56,22 +56,31 @@ class SentenceEncoder:
 
     def encode(self, texts: Sequence[str], batch_size: int = 256,
                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Unit-length embeddings, (len(texts), 384) float32; an empty text gets the embedding of ""."""
+        """Unit-length embeddings, (len(texts), 384) float32; an empty text gets the embedding of "".
+
+        Each distinct text is embedded once (catalog names repeat), in batches of similar length, so little of
+        the work goes to padding."""
         import torch
 
         texts = [str(t or "") for t in texts]
-        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        if not texts:
+            return np.zeros((0, DIM), dtype=np.float32)
+        distinct, position = np.unique(np.array(texts, dtype=object), return_inverse=True)
+        lengths = [len(ids) for ids in self.tokenizer(list(distinct), truncation=True, max_length=64)["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
+        vectors = np.zeros((len(distinct), DIM), dtype=np.float32)
         with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = self.tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = self.tokenizer([distinct[i] for i in rows], padding=True, truncation=True,
                                        max_length=64, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-                out[start : start + len(pooled)] = torch.nn.functional.normalize(pooled, dim=1).numpy()
+                vectors[rows] = torch.nn.functional.normalize(pooled, dim=1).numpy()
                 if progress is not None:
-                    progress(min(start + batch_size, len(texts)), len(texts))
-        return out
+                    progress(min(start + batch_size, len(order)), len(order))
+        return vectors[position.reshape(-1)]
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

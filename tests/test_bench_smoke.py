@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 EXPECTED = {
     "captioning": {"model", "batch_1_images_per_second", "batch_4_images_per_second", "batch_1_gflops_per_caption",
                    "batch_1_x_floor", "batch_4_x_floor", "matmul_fp32_gflops", "matmul_bf16_gflops",
-                   "reranked_batch_1_images_per_second", "reranked_batch_1_x_greedy"},
+                   "reranked_batch_1_images_per_second", "reranked_batch_1_x_greedy", "rerank_stage_ms_per_image"},
     "training": {"samples_per_second", "projected_epoch_minutes_39990", "shortlist_tokens", "batch_size"},
     "search": {"index_seconds", "query_p50_ms", "query_p99_ms", "naive_p50_ms", "naive_over_fts_p50", "products"},
     "dashboard": {"model", *(f"{kind}_{page}_seconds" for kind in ("cold", "warm", "switch_to")

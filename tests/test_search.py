@@ -382,6 +382,21 @@ def test_knn_top1_is_own_vector_and_exclude() -> None:
         knn.search_vector(np.ones(3))
 
 
+def test_knn_batch_search_ranks_as_one_query_at_a_time() -> None:
+    knn, vectors = make_knn(n=300)
+    queries = np.concatenate([vectors[:20] * 2, vectors[:1] * 0, np.repeat(vectors[5:6], 3, axis=0)])  # + a zero row
+    batched = knn.search_vectors(queries, k=7, chunk=8)  # several chunks, one of them partial
+    assert len(batched) == len(queries)
+    for query, response in zip(queries, batched, strict=True):
+        alone = knn.search_vector(query, k=7)
+        assert ids(response) == ids(alone)
+        assert [r.score for r in response.results] == pytest.approx([r.score for r in alone.results], abs=1e-5)
+    assert ids(batched[0])[0] == 100 and len(knn.search_vectors(queries[:2], k=1000)[0].results) == 300
+    assert knn.search_vectors(np.zeros((0, 16)), k=3) == []
+    with pytest.raises(ValueError, match="dimensions"):
+        knn.search_vectors(np.ones((2, 3)))
+
+
 def test_knn_save_load_round_trip(tmp_path: Path) -> None:
     knn, vectors = make_knn()
     saved = knn.save(tmp_path / "knn")

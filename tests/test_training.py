@@ -24,6 +24,7 @@ from ris_core.modeling import (
     build_captioner,
     load_model_dir,
     save_captioner,
+    sequence_log_likelihoods,
     token_cross_entropy,
 )
 from ris_core.rerank import RerankConfig, candidate_pool, rerank
@@ -92,9 +93,28 @@ def test_candidate_scores_are_the_models_log_likelihood_whatever_else_is_in_the_
     assert together[0] == pytest.approx(alone, abs=1e-4) and together[1] == pytest.approx(alone[::-1], abs=1e-4)
     assert all(score < 0 for score in alone)
     # the same numbers as the loss: summed log-likelihood = -(mean token cross-entropy x tokens)
-    _, hidden, _ = captioner._encode([image])
+    hidden = captioner.encode([image]).hidden
     loss, tokens = token_cross_entropy(captioner.model, hidden, _label_tensor([candidates[1]]))
     assert alone[1] == pytest.approx(-loss.item() * tokens, rel=1e-4)
+
+
+def test_one_encoder_pass_and_shared_cross_attention_give_the_same_scores(tiny_run: Path, tiny_catalog: Path):
+    captioner = Captioner.load(tiny_run)
+    images = [Image.open(p).convert("RGB") for p in sorted((tiny_catalog / "images").glob("*.jpg"))[:3]]
+    encoded = captioner.encode(images)
+    assert captioner.encode(encoded) is encoded  # an encoded batch is not encoded again
+    texts = [["Nike Men Black Shoes", "Red Shirt"], ["Blue Jeans"], ["Puma Women Blue Printed Round Neck T-shirt"]]
+    for a, b in zip(captioner.log_likelihoods(encoded, texts), captioner.log_likelihoods(images, texts), strict=True):
+        assert list(a) == pytest.approx(list(b), abs=1e-5)
+    assert captioner.n_best(encoded, 3) == captioner.n_best(images, 3)
+    # cross-attention keys and values gathered per caption == each caption given its image's states
+    labels = _label_tensor(["Red Shirt", "Blue Jeans", "Nike Men Black Shoes", "Red Shirt"])
+    rows = torch.tensor([2, 0, 1, 0])
+    with torch.no_grad():
+        shared = sequence_log_likelihoods(captioner.model, encoded.hidden, labels, rows)
+        repeated = sequence_log_likelihoods(captioner.model, encoded.hidden[rows], labels)
+    assert shared.tolist() == pytest.approx(repeated.tolist(), abs=1e-5)
+    assert abs(float(shared[0]) - float(shared[3])) > 1e-3  # the same caption under another image scores otherwise
 
 
 def test_rerank_scores_likelihood_mirror_view_visual_evidence_and_length(tiny_run: Path, tiny_catalog: Path):

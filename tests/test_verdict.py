@@ -271,3 +271,17 @@ def test_the_committed_reference_evaluation_still_opens(page, tmp_path, monkeypa
     if "verdict" not in json.loads((reference / "eval" / files.RETRIEVAL_SUMMARY).read_text()):
         shown = "\n".join(str(e.value) for e in [*at.info, *at.caption, *at.markdown])
         assert "predates" in shown or page == "pages/query_strategies.py"
+
+
+def test_sentence_embeddings_do_not_depend_on_repeats_order_or_batch():
+    from ris_core.sentence_encoder import DIM, SentenceEncoder
+
+    encoder = SentenceEncoder.load()
+    texts = ["Nike Men Black Shoes", "", "Puma Women Blue Printed Round Neck T-shirt", "Nike Men Black Shoes", "Bag"]
+    calls = []
+    together = encoder.encode(texts, batch_size=2, progress=lambda done, total: calls.append((done, total)))
+    alone = np.stack([encoder.encode([text])[0] for text in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert together.shape == (5, DIM) and np.allclose(np.linalg.norm(together, axis=1), 1, atol=1e-5)
+    assert calls[-1] == (4, 4)  # the repeated name was embedded once
+    assert float(together[0] @ together[2]) < 0.99 and encoder.encode([]).shape == (0, DIM)

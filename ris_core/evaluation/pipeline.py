@@ -200,7 +200,7 @@ def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: 
     # 3. The visual index over training products (image kNN baseline and nearest-neighbour captions)
     with ctx.timed("embedding the training catalog"):
         knn, knn_key = _catalog_knn(ctx, train_ids)
-        neighbours = [knn.search_vector(vec, k=config.k) for vec in val_emb]
+        neighbours = knn.search_vectors(val_emb, k=config.k)
     # 3b. Reranked captions: the best of the model's captions and the names of the visually nearest training
     # products (retrieval-augmented decoding, ris_core/rerank.py), scored beside greedy, never instead
     with ctx.timed("reranking"):
@@ -264,6 +264,7 @@ def _name_embeddings(ctx: _Context, names: list[str], encoder: SentenceEncoder) 
     bar = tqdm(total=len(names), desc="embedding catalog names", unit="name", disable=not ctx.config.progress_bars)
 
     def progress(done: int, total: int) -> None:
+        bar.total = total  # distinct names: a repeated one is embedded once
         bar.update(done - bar.n)
         if ctx.progress is not None:
             ctx.progress("embedding catalog names", done, total)

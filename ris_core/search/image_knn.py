@@ -84,6 +84,28 @@ class ImageKnnIndex:
             ]
         return SearchResponse(query=query, backend=self.name, results=results, seconds=time.perf_counter() - start)
 
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, chunk: int = 256) -> list[SearchResponse]:
+        """`search_vector` for every row of `vectors`, scored as matrix products of `chunk` queries at a time
+        (a query at a time is a pass over the whole index each: ~10 ms for 40k products)."""
+        queries = _normalise(np.nan_to_num(np.asarray(vectors, dtype=np.float32)))
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"query vectors have shape {queries.shape}, the index has {self.dim} dimensions")
+        k = max(0, min(int(k), len(self)))
+        out: list[SearchResponse] = []
+        for start in range(0, len(queries), chunk):
+            began = time.perf_counter()
+            scores = queries[start : start + chunk] @ self.vectors.T
+            tops = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k else np.zeros((len(scores), 0), dtype=int)
+            seconds = (time.perf_counter() - began) / max(len(scores), 1)
+            for row, top in zip(scores, tops):
+                top = top[np.lexsort((self.ids[top], -row[top]))]  # ties broken by id, as in search_vector
+                results = [SearchResult(rank=r, title=self.names[i], image=self.image_paths[i],
+                                        thumbnail=self.image_paths[i], product_id=int(self.ids[i]),
+                                        score=float(row[i]))
+                           for r, i in enumerate(top, start=1)]
+                out.append(SearchResponse(query="<image>", backend=self.name, results=results, seconds=seconds))
+        return out
+
     @staticmethod
     def _paths(path: str | Path) -> tuple[Path, Path]:
         path = Path(path)
