@@ -74,14 +74,7 @@ class ImageKnnIndex:
         if k:
             # argpartition finds the top k in O(n); only those k are then sorted.
             top = np.argpartition(-scores, k - 1)[:k]
-            top = top[np.lexsort((self.ids[top], -scores[top]))]  # ties broken by id for stable output
-            results = [
-                SearchResult(
-                    rank=r, title=self.names[i], image=self.image_paths[i], thumbnail=self.image_paths[i],
-                    product_id=int(self.ids[i]), score=float(scores[i]),
-                )
-                for r, i in enumerate(top, start=1)
-            ]
+            results = self._ranked(scores, top)
         return SearchResponse(query=query, backend=self.name, results=results, seconds=time.perf_counter() - start)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, chunk: int = 256) -> list[SearchResponse]:
@@ -97,14 +90,16 @@ class ImageKnnIndex:
             scores = queries[start : start + chunk] @ self.vectors.T
             tops = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k else np.zeros((len(scores), 0), dtype=int)
             seconds = (time.perf_counter() - began) / max(len(scores), 1)
-            for row, top in zip(scores, tops):
-                top = top[np.lexsort((self.ids[top], -row[top]))]  # ties broken by id, as in search_vector
-                results = [SearchResult(rank=r, title=self.names[i], image=self.image_paths[i],
-                                        thumbnail=self.image_paths[i], product_id=int(self.ids[i]),
-                                        score=float(row[i]))
-                           for r, i in enumerate(top, start=1)]
-                out.append(SearchResponse(query="<image>", backend=self.name, results=results, seconds=seconds))
+            out += [SearchResponse(query="<image>", backend=self.name, results=self._ranked(row, top), seconds=seconds)
+                    for row, top in zip(scores, tops)]
         return out
+
+    def _ranked(self, scores: np.ndarray, top: np.ndarray) -> list[SearchResult]:
+        """The products `top` as results, best score first, ties broken by id for stable output."""
+        top = top[np.lexsort((self.ids[top], -scores[top]))]
+        return [SearchResult(rank=r, title=self.names[i], image=self.image_paths[i], thumbnail=self.image_paths[i],
+                             product_id=int(self.ids[i]), score=float(scores[i]))
+                for r, i in enumerate(top, start=1)]
 
     @staticmethod
     def _paths(path: str | Path) -> tuple[Path, Path]:
