@@ -128,7 +128,10 @@ for i, (key, label, scale) in enumerate(METRICS):
         + (". CIDEr-D's document frequencies come from all held-out references." if key == "cider_d" else ""),
     )
 if number(model.get("perplexity")) is not None and number(model.get("loss")) is not None:
-    st.caption(f"Held-out loss {model['loss']:.3f}, perplexity {model['perplexity']:.2f} per GPT-2 token.")
+    notebook = number(model.get("perplexity_notebook_definition"))
+    st.caption(f"Held-out loss {model['loss']:.3f}, perplexity {model['perplexity']:.2f} per token, the first "
+               "predicted from the start token" + (f"; {notebook:.2f} on the paper notebook's definition (the first "
+               "token given, never predicted: its Table I's)" if notebook is not None else "") + ".")
 if "reranked" in decodings and number(model.get("bleu_4")) is not None:
     st.caption(
         f"**Reranked** ({describe_rerank(reranked)}): BLEU-4 {reranked['bleu_4']:.1f} "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ class CaptionBatch:
     embeddings: np.ndarray  # (B, D) L2-normalised, for image kNN
     loss_sum: float = 0.0  # summed token cross-entropy against the references, if given
     tokens: int = 0
+    other_losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # other definitions: (sum, tokens)
 
 
 def _open_all(items: list[tuple[int, Path]]) -> tuple[list[int], list[Image.Image], list[tuple[int, str]]]:

@@ -1,15 +1,21 @@
-"""Our captioner: a `VisionEncoderDecoderModel` from a run's model/ folder, batched, greedy by default and
-deterministic, with beam n-best and candidate likelihoods for reranking and pooled embeddings for image kNN."""
+"""The captioner of a run's model/ folder: a `VisionEncoderDecoderModel`, batched, greedy by default and
+deterministic, with beam n-best and candidate likelihoods for reranking and pooled embeddings for image kNN.
+
+Ours (trained here, `ris_model_spec` in its config) pads images to a white square and uses the GPT-2 BPE; any
+other (saved by `save_pretrained` or `Seq2SeqTrainer`, imported with `training.import_checkpoint`) uses the
+image processor and tokenizer saved beside it."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutput
 
 from ris_core.captioning import CaptionBatch, CaptionerBase
@@ -22,8 +28,9 @@ from ris_core.modeling import (
     sequence_log_likelihoods,
     token_cross_entropy,
 )
-from ris_core.tokenizer import encode_captions, gpt2_tokenizer
+from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions, gpt2_tokenizer
 
+logger = logging.getLogger(__name__)
 LIKELIHOOD_CHUNK = 64  # candidate captions per decoder pass when scoring
 
 
@@ -39,9 +46,11 @@ class Encoded:
 @dataclass
 class Captioner(CaptionerBase):
     model: torch.nn.Module
-    spec: ModelSpec
+    spec: ModelSpec | None  # None: a captioner from elsewhere, with its own `processor` and `tokenizer`
     name: str = "captioner"
     stats: dict = field(default_factory=dict)
+    processor: Any = None  # the folder's image processor (captioners from elsewhere only)
+    tokenizer: Any = None  # the folder's tokenizer (captioners from elsewhere only; ours use the GPT-2 BPE)
     can_rerank: ClassVar[bool] = True  # n_best and log_likelihoods work with this model (ris_core/rerank.py)
 
     @classmethod
@@ -52,9 +61,33 @@ class Captioner(CaptionerBase):
         if not model_dir.is_dir():
             raise CheckpointError(f"{path} has no model/ folder: this run has no checkpoint to caption with")
         model, spec = load_model_dir(model_dir)
-        return cls(model=model, spec=spec, name=path.name)
+        if spec is not None:
+            return cls(model=model, spec=spec, name=path.name)
+        processor, tokenizer = _saved_text_and_image_parts(model_dir)
+        _fill_generation_ids(model, tokenizer)
+        return cls(model=model, spec=None, name=path.name, processor=processor, tokenizer=tokenizer)
+
+    @property
+    def text_tokenizer(self):
+        return self.tokenizer if self.tokenizer is not None else gpt2_tokenizer()
+
+    @property
+    def start_token_id(self) -> int:
+        start = self.model.generation_config.decoder_start_token_id
+        return EOS_TOKEN_ID if start is None else int(start)
+
+    def token_ids(self, texts: list[str], max_length: int = 48) -> list[list[int]]:
+        """Each caption's token ids followed by the end token: what the decoder is scored on."""
+        if self.tokenizer is None:
+            return encode_captions(texts, max_length)
+        eos = self.model.generation_config.eos_token_id
+        eos = int(eos[0] if isinstance(eos, list) else eos)
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [seq[: max_length - 1] + [eos] for seq in ids]
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        if self.spec is None:  # the model's own processor decides (most stretch to a square)
+            return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
         squared = [square(im, self.spec.image_size, self.spec.source_max_side) for im in images]
         processor = image_processor(self.spec)
         return processor(images=squared, return_tensors="pt")["pixel_values"]
@@ -84,7 +117,8 @@ class Captioner(CaptionerBase):
         raw, hidden = encoded.raw, encoded.hidden
         out = CaptionBatch(captions=[], embeddings=torch.nn.functional.normalize(encoded.pooled, dim=1).numpy())
         if references is not None:
-            loss, tokens = token_cross_entropy(self.model, hidden, _label_tensor(references))
+            loss, tokens = token_cross_entropy(self.model, hidden, _padded(self.token_ids(references)),
+                                               self.start_token_id)
             out.loss_sum, out.tokens = loss.item() * tokens, tokens
         # the encoder ran once; generate() projects `raw` itself. The mask only says "every image token is real":
         # pad == eos, so generate() cannot infer it and warns otherwise (same tokens either way).
@@ -92,7 +126,7 @@ class Captioner(CaptionerBase):
         generated = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=raw),
                                         attention_mask=token_mask,
                                         num_beams=num_beams, max_new_tokens=max_new_tokens)
-        out.captions = [c.strip() for c in gpt2_tokenizer().batch_decode(generated, skip_special_tokens=True)]
+        out.captions = [c.strip() for c in self.text_tokenizer.batch_decode(generated, skip_special_tokens=True)]
         return out
 
     @torch.no_grad()
@@ -105,14 +139,15 @@ class Captioner(CaptionerBase):
             return [np.zeros(0) for _ in candidates]
         # shortest first, in chunks padded to their own longest: names run 5-25 tokens, so one padded batch would
         # spend about half of the decoder's work on padding
-        tokens = encode_captions(flat)
+        tokens = self.token_ids(flat)
         order = np.argsort([len(seq) for seq in tokens], kind="stable")
         scores = np.zeros(len(flat))
         for start in range(0, len(order), LIKELIHOOD_CHUNK):
             chunk = order[start:start + LIKELIHOOD_CHUNK]
             labels = _padded([tokens[i] for i in chunk])
             images_used, image_of = torch.unique(torch.tensor([rows[i] for i in chunk]), return_inverse=True)
-            scores[chunk] = sequence_log_likelihoods(self.model, hidden[images_used], labels, image_of).numpy()
+            scores[chunk] = sequence_log_likelihoods(self.model, hidden[images_used], labels, image_of,
+                                                     self.start_token_id).numpy()
         bounds = np.cumsum([0] + [len(texts) for texts in candidates])
         return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -125,7 +160,7 @@ class Captioner(CaptionerBase):
                                         attention_mask=torch.ones(raw.shape[:2], dtype=torch.long),
                                         num_beams=num_beams, num_return_sequences=num_beams,
                                         max_new_tokens=max_new_tokens)
-        texts = [c.strip() for c in gpt2_tokenizer().batch_decode(generated, skip_special_tokens=True)]
+        texts = [c.strip() for c in self.text_tokenizer.batch_decode(generated, skip_special_tokens=True)]
         return [texts[i * num_beams : (i + 1) * num_beams] for i in range(raw.shape[0])]
 
     @torch.no_grad()
@@ -140,9 +175,41 @@ class Captioner(CaptionerBase):
         return torch.nn.functional.normalize(pooled, dim=1).numpy()
 
 
-def _label_tensor(texts: list[str]) -> torch.Tensor:
-    """Caption token ids + EOS, padded with -100 (ignored by the loss)."""
-    return _padded(encode_captions(texts))
+def _saved_text_and_image_parts(model_dir: Path) -> tuple[Any, Any]:
+    """The image processor and tokenizer saved beside a captioner from elsewhere; CheckpointError if missing."""
+    parts = {}
+    for what, loader, hint in (("image processor", AutoImageProcessor, "preprocessor_config.json"),
+                               ("tokenizer", AutoTokenizer, "tokenizer.json or vocab files")):
+        try:
+            parts[what] = loader.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"{model_dir} has no usable {what} ({hint}; {type(err).__name__}): save it beside the model with "
+                f"{'processor' if what == 'image processor' else 'tokenizer'}.save_pretrained(folder)") from err
+    return parts["image processor"], parts["tokenizer"]
+
+
+def _fill_generation_ids(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Decoding needs a start, an end and a pad token; a checkpoint that names none gets the tokenizer's."""
+    generation, config = model.generation_config, model.config
+    eos = _first(generation.eos_token_id, config.eos_token_id, config.decoder.eos_token_id, tokenizer.eos_token_id)
+    if eos is None:
+        raise CheckpointError("the captioner names no end-of-caption token and its tokenizer has none: set "
+                              "model.config.eos_token_id before saving")
+    wanted = {"eos_token_id": eos,
+              "decoder_start_token_id": _first(generation.decoder_start_token_id, config.decoder_start_token_id,
+                                               config.decoder.bos_token_id, tokenizer.bos_token_id, eos),
+              "pad_token_id": _first(generation.pad_token_id, config.pad_token_id, tokenizer.pad_token_id, eos)}
+    filled = {name: value for name, value in wanted.items() if getattr(generation, name) is None}
+    if filled:
+        logger.info("decoding with %s (not set in the checkpoint's generation config)", filled)
+    for name, value in filled.items():
+        setattr(generation, name, value)
+        setattr(config, name, value)
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def _padded(labels: list[list[int]]) -> torch.Tensor:

@@ -11,6 +11,7 @@ Two ways, both over the union of a deep text candidate list and a deep visual on
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,19 +28,38 @@ def rrf(lists: Sequence[Sequence[int]], k: int = 10, rrf_k: int = RRF_K) -> list
     return [pid for pid, _ in sorted(scores.items(), key=lambda item: -item[1])[:k]]
 
 
+@dataclass(frozen=True)
+class BlendPool:
+    """One query's fusion candidates with their normalised text score and visual similarity: everything of a
+    blend that does not depend on the weight, so trying 21 weights costs 21 sorts, not 21 lookups."""
+
+    ids: list[int]
+    text: np.ndarray
+    visual: np.ndarray
+
+    @classmethod
+    def of(cls, text_ids: Sequence[int], text_scores: Sequence[float], visual_ids: Sequence[int],
+           similarity: Callable[[list[int]], np.ndarray]) -> BlendPool:
+        """`similarity(ids)` gives the photo's cosine similarity to each of those catalog products."""
+        candidates = list(dict.fromkeys([*text_ids, *visual_ids]))
+        if not candidates:
+            return cls([], np.zeros(0), np.zeros(0))
+        best = max((s for s in text_scores), default=0.0)
+        text = dict(zip(text_ids, (s / best if best > 0 else 0.0 for s in text_scores), strict=True))
+        return cls(candidates, np.array([text.get(pid, 0.0) for pid in candidates]), similarity(candidates))
+
+    def top(self, weight: float, k: int = 10) -> list[int]:
+        score = weight * self.text + (1 - weight) * self.visual
+        order = np.argsort(-score, kind="stable")[:k]
+        return [self.ids[i] for i in order]
+
+
 def blend(text_ids: Sequence[int], text_scores: Sequence[float], visual_ids: Sequence[int],
           similarity: Callable[[list[int]], np.ndarray], weight: float, k: int = 10) -> list[int]:
     """The top `k` ids by weight * normalised text score + (1 - weight) * cosine similarity to the photo.
 
     `similarity(ids)` gives the photo's cosine similarity to each of those catalog products."""
-    candidates = list(dict.fromkeys([*text_ids, *visual_ids]))
-    if not candidates:
-        return []
-    best = max((s for s in text_scores), default=0.0)
-    text = dict(zip(text_ids, (s / best if best > 0 else 0.0 for s in text_scores), strict=True))
-    score = weight * np.array([text.get(pid, 0.0) for pid in candidates]) + (1 - weight) * similarity(candidates)
-    order = np.argsort(-score, kind="stable")[:k]
-    return [candidates[i] for i in order]
+    return BlendPool.of(text_ids, text_scores, visual_ids, similarity).top(weight, k)
 
 
 def cross_fit(n_queries: int, fused_for: Callable[[float], list[list[int]]],

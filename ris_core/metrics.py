@@ -11,6 +11,7 @@ mean of the 1..n-gram precisions, so `bleu_4` equals `sacrebleu.corpus_bleu(...)
 
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -190,16 +191,26 @@ def ranking_metrics(rel: Sequence[float] | np.ndarray, n_relevant_total: int | N
 _MAX_CELLS = 4_000_000  # resample in chunks so the index matrix stays ~32 MB on big query sets
 
 
-def _boot_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+@functools.lru_cache(maxsize=4)
+def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n): how often each of n values is drawn in each resample, from the same draws as indexing
+    `values[rng.integers(0, n, (n_boot, n))]` (same seed, same chunks). Every metric and strategy of a subset
+    shares one draw, and a matrix product replaces a gather of n_boot x n values: the evaluation's summaries
+    went from 25 s to a few."""
     rng = np.random.default_rng(seed)
-    n = values.size
     rows = max(1, _MAX_CELLS // n)
-    means = np.empty(n_boot)
+    counts = np.empty((n_boot, n))
     for start in range(0, n_boot, rows):
         stop = min(n_boot, start + rows)
         idx = rng.integers(0, n, size=(stop - start, n))  # one row = one resample of query indices
-        means[start:stop] = values[idx].mean(axis=1)
-    return means
+        flat = (idx + n * np.arange(stop - start)[:, None]).ravel()
+        counts[start:stop] = np.bincount(flat, minlength=(stop - start) * n).reshape(stop - start, n)
+    counts.flags.writeable = False
+    return counts
+
+
+def _boot_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    return _resample_counts(values.size, n_boot, seed) @ values / values.size
 
 
 def bootstrap_ci(

@@ -210,8 +210,11 @@ def check_weights(model_dir: Path, config: dict) -> None:
                               f"about {expected:,}: the two do not belong together (or the file is forged)")
 
 
-def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpec]:
-    """Load a saved captioner in fp32 for CPU inference, or raise CheckpointError saying what is wrong."""
+def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpec | None]:
+    """Load a saved captioner in fp32 for CPU inference, or raise CheckpointError saying what is wrong.
+
+    The spec is None for a `VisionEncoderDecoderModel` saved elsewhere (no `ris_model_spec` in its config): its
+    own image processor and tokenizer, saved beside it, decide preprocessing and text (`encoder_decoder`)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -229,7 +232,10 @@ def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpe
             f"{model_dir} holds a '{config.get('model_type')}' model, not a vision-encoder-decoder captioner"
         )
     if not any(model_dir.glob("*.safetensors")):
-        raise CheckpointError(f"{model_dir} has no .safetensors weights")
+        pickled = [p.name for p in model_dir.glob("*.bin")]
+        raise CheckpointError(f"{model_dir} has no .safetensors weights" + (
+            f" ({', '.join(pickled)} is a pickle, never opened here: re-save the model with "
+            "save_pretrained(folder), which writes safetensors)" if pickled else ""))
     spec_fields = config.get("ris_model_spec", {})
     if not isinstance(spec_fields, dict) or not set(spec_fields) <= set(ModelSpec.__dataclass_fields__):
         raise CheckpointError(f"{config_path}: ris_model_spec is not a model spec of this version")
@@ -253,6 +259,8 @@ def load_model_dir(model_dir: Path) -> tuple[VisionEncoderDecoderModel, ModelSpe
         )
     model.eval()
     use_shortlist_head(model)  # trained with the output shortlist: the same logits at a seventh of the work
+    if "ris_model_spec" not in config:
+        return model, None
     try:
         spec = ModelSpec(**spec_fields)
     except TypeError as err:
@@ -271,19 +279,29 @@ def encoder_tokens(model: VisionEncoderDecoderModel, pixel_values=None, maps=Non
     return hidden
 
 
+def is_gpt2_decoder(model: VisionEncoderDecoderModel) -> bool:
+    """A GPT-2 decoder with cross-attention (ours, or e.g. nlpconnect's): the fast scoring paths below apply."""
+    blocks = getattr(getattr(model.decoder, "transformer", None), "h", None)
+    return blocks is not None and all(hasattr(block, "crossattention") for block in blocks)
+
+
+def _shifted(labels: torch.Tensor, start_token_id: int) -> torch.Tensor:
+    return torch.cat([torch.full_like(labels[:, :1], start_token_id), labels[:, :-1].clamp(min=0)], dim=1)
+
+
 def token_cross_entropy(model: VisionEncoderDecoderModel, encoder_hidden: torch.Tensor,
-                        labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+                        labels: torch.Tensor, start_token_id: int = EOS_TOKEN_ID) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy per target token (EOS included, padding = -100 excluded) and the token count.
 
     The output layer runs on target positions only: on CPU that skips ~25% of the step.
     """
-    decoder_input_ids = torch.cat(
-        [torch.full_like(labels[:, :1], EOS_TOKEN_ID), labels[:, :-1].clamp(min=0)], dim=1
-    )
-    decoded = model.decoder.transformer(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden)
-    hidden = decoded.last_hidden_state
+    decoder_input_ids = _shifted(labels, start_token_id)
     target = labels != -100
-    logits = model.decoder.lm_head(hidden[target])
+    if not is_gpt2_decoder(model):  # any other causal LM decoder: its own forward, full logits
+        logits = model.decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden).logits[target]
+    else:
+        decoded = model.decoder.transformer(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden)
+        logits = model.decoder.lm_head(decoded.last_hidden_state[target])
     loss = torch.nn.functional.cross_entropy(logits.float(), labels[target])
     return loss, int(target.sum())
 
@@ -303,7 +321,8 @@ def cross_attention_cache(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor
 
 
 def sequence_log_likelihoods(model: VisionEncoderDecoderModel, encoder_hidden: torch.Tensor,
-                             labels: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+                             labels: torch.Tensor, rows: torch.Tensor | None = None,
+                             start_token_id: int = EOS_TOKEN_ID) -> torch.Tensor:
     """Summed log-probability (nats, EOS included) of each row's caption: the model's score of a candidate.
 
     `encoder_hidden` holds one image per row of `labels`, or, with `rows`, one per image with `rows[i]` the image
@@ -313,16 +332,18 @@ def sequence_log_likelihoods(model: VisionEncoderDecoderModel, encoder_hidden: t
     """
     if rows is None:
         rows = torch.arange(labels.shape[0])
-    decoder_input_ids = torch.cat(
-        [torch.full_like(labels[:, :1], EOS_TOKEN_ID), labels[:, :-1].clamp(min=0)], dim=1
-    )
+    decoder_input_ids = _shifted(labels, start_token_id)
+    target = labels != -100
+    caption_of = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(labels)[target]
+    if not is_gpt2_decoder(model):  # any other causal LM decoder: its own forward, full logits
+        logits = model.decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden[rows]).logits
+        token_logp = torch.log_softmax(logits[target].float(), dim=-1).gather(1, labels[target][:, None]).squeeze(1)
+        return torch.zeros(labels.shape[0]).index_add_(0, caption_of, token_logp)
     cache = cross_attention_cache(model.decoder, encoder_hidden, rows)
     # the keys and values come from the cache; the states only give the cross-attention mask its shape
     states_shape = encoder_hidden[:1].expand(labels.shape[0], -1, -1)
     hidden = model.decoder.transformer(input_ids=decoder_input_ids, encoder_hidden_states=states_shape,
                                        past_key_values=cache, use_cache=True).last_hidden_state
-    target = labels != -100
     states, tokens = hidden[target], labels[target]
-    caption_of = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(labels)[target]
     token_logp = token_log_probs(model.decoder.lm_head, states, tokens)
     return torch.zeros(labels.shape[0]).index_add_(0, caption_of, token_logp)

@@ -44,7 +44,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
         if "skipped" not in benchmarks[name]:
             assert keys <= set(benchmarks[name]), (name, keys - set(benchmarks[name]))
     evaluation = benchmarks["evaluation"]
-    assert "skipped" in evaluation or {"wall_seconds", "held_out_scored", "catalog_products"} <= set(evaluation)
+    assert "skipped" in evaluation or {"wall_seconds", "held_out_scored", "catalog_products", "rerun_unchanged_seconds",
+                                       "rerun_one_strategy_changed_seconds"} <= set(evaluation)
     assert benchmarks["search"]["naive_over_fts_p50"] > 1  # the index beats the Python loop even on 3k products
     browser = benchmarks["browser"]
     if "skipped" not in browser:  # CI installs Chromium; the first page's content showed in every visit

@@ -140,3 +140,54 @@ def test_tuning_picks_by_the_same_score_as_rerank():
     assert pick(item, RerankConfig(num_beams=0, mirror=True, visual_weight=0.0, length_weight=0.0)) == \
         "Adidas Men White Shoes"
     assert pick(item, RerankConfig(k=1, num_beams=0, mirror=False, visual_weight=1000.0)) == "Adidas Men Black Shoes"
+
+
+def test_rerun_after_changing_one_strategy_searches_and_scores_only_what_changed(
+        evaluated_run: Path, tiny_catalog: Path, tmp_path: Path, monkeypatch):
+    from ris_core.evaluation import baselines, pipeline
+    from ris_core.search.catalog import CatalogIndex
+
+    run = shutil.copytree(evaluated_run, tmp_path / evaluated_run.name)
+    args = ["--run", str(run), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50"]
+    evaluate_main(args)  # the cache now holds exactly this configuration's rankings
+    before = pd.read_csv(run / "eval" / "retrieval.csv", keep_default_na=False)
+    metrics_before = (run / "eval" / "caption_metrics.json").read_text()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("computed again although nothing it depends on changed")
+
+    searched: list[list[str]] = []
+    search_many = CatalogIndex.search_many
+    monkeypatch.setattr(CatalogIndex, "search_many", lambda self, queries, k=10, mode="any": (
+        searched.append(list(queries)) or search_many(self, queries, k=k, mode=mode)))
+    monkeypatch.setattr(pipeline, "_caption_metrics", fail)
+    monkeypatch.setattr(baselines.Space, "top", fail)
+    monkeypatch.setitem(pipeline.STRATEGIES, "last_two_words", lambda caption: " ".join(caption.split()[-1:]))
+    evaluate_main(args)
+    after = pd.read_csv(run / "eval" / "retrieval.csv", keep_default_na=False)
+    assert searched and all(len(q.split()) <= 1 for queries in searched for q in queries)  # the changed one only
+    assert (run / "eval" / "caption_metrics.json").read_text() == metrics_before
+    for strategy in ("full_caption", "oracle:full_caption", "image_knn:encoder", "reranked:full_caption"):
+        pd.testing.assert_frame_equal(before[before["strategy"] == strategy].reset_index(drop=True),
+                                      after[after["strategy"] == strategy].reset_index(drop=True))
+    # the oracle queries with the true names (the tiny model's own captions may be empty): two words, now one
+    old, new = (frame.loc[frame["strategy"] == "oracle:last_two_words", "query"] for frame in (before, after))
+    assert old.str.split().str.len().max() == 2 and new.str.split().str.len().max() == 1
+    assert any(len(q.split()) == 1 for queries in searched for q in queries)
+
+
+def test_rankings_cache_round_trips_and_keeps_only_what_was_used(tmp_path: Path, caplog):
+    from ris_core.evaluation.rankings_cache import RankingsCache
+
+    path = tmp_path / "rankings_cache.npz"
+    cache = RankingsCache.open(path)
+    cache.put("a", [[3, 1], [], [7]], [[2.5, 1.0], [], [0.5]])
+    cache.put("b", [[5]])
+    cache.save()
+    again = RankingsCache.open(path)
+    assert again.get("a") == ([[3, 1], [], [7]], [[2.5, 1.0], [], [0.5]])
+    assert again.get("missing") is None
+    again.save()  # only "a" was asked for: "b" is dropped
+    assert RankingsCache.open(path).get("b") is None and RankingsCache.open(path).get("a") is not None
+    path.write_bytes(b"PK\x03\x04 torn")
+    assert RankingsCache.open(path).get("a") is None and "ignoring the unreadable" in caplog.text

@@ -246,3 +246,15 @@ def test_judging_all_queries_at_once_equals_ranking_metrics_on_each_list() -> No
                 total = int((catalog[list(columns)] == pd.Series(key, index=list(columns))).all(axis=1).sum())
             for name, value in ranking_metrics(relevance, n_relevant_total=total).items():
                 assert judged.loc[qid, f"{level}_{name}"] == pytest.approx(value, abs=1e-12), (qid, level, name)
+
+
+@pytest.mark.parametrize("n", [7, 4443, 9000])  # 9000: more than one chunk of resamples
+def test_bootstrap_counts_draw_the_resamples_of_index_gathering(n: int) -> None:
+    """The resample-count matrix gives the interval gathering `values[idx]` gave, from the same draws."""
+    values = np.random.default_rng(3).random(n)
+    rng, rows = np.random.default_rng(0), max(1, M._MAX_CELLS // n)
+    gathered = np.concatenate([values[rng.integers(0, n, size=(min(1000, s + rows) - s, n))].mean(axis=1)
+                               for s in range(0, 1000, rows)])
+    low, high = np.quantile(gathered, [0.025, 0.975])
+    assert M.bootstrap_ci(values) == pytest.approx((values.mean(), low, high), abs=1e-12)
+    assert M.bootstrap_ci(values, seed=1) != M.bootstrap_ci(values)  # another seed, other resamples

@@ -4,6 +4,7 @@ refuse anything that is not a plain dict of tensors (without running it), and na
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 
@@ -18,6 +19,7 @@ from ris_core.data import Split
 from ris_core.modeling import CheckpointError
 from ris_core.paper_notebook import (
     CHECKPOINT_LAYOUT,
+    NOTEBOOK_DIR,
     NotebookCaptioner,
     NotebookCaptionerAdapter,
     NotebookCaptionerConfig,
@@ -156,6 +158,15 @@ def test_adapter_captions_like_our_runs(imported):
             total += torch.nn.functional.cross_entropy(logits, torch.tensor(seq), reduction="sum").item()
             tokens += len(seq)
     assert batch.tokens == tokens and batch.loss_sum == pytest.approx(total, rel=1e-4)
+    # the notebook's definition: [t1..tn] predict [t2..tn, EOS]; the first token is given, never predicted
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i, seq in enumerate(labels):
+            logits = model(pixels[i : i + 1], torch.tensor([seq[:-1]]))[0]
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(seq[1:]), reduction="sum").item()
+            tokens += len(seq) - 1
+    assert batch.other_losses["notebook"][1] == tokens == batch.tokens - 3
+    assert batch.other_losses["notebook"][0] == pytest.approx(total, rel=1e-4)
     assert pixels.shape == (3, 3, 32, 32) and float(pixels.min()) >= -1 and float(pixels.max()) <= 1
     with pytest.raises(ValueError, match="num_beams=1"):
         adapter.run_batch(pics, num_beams=3)
@@ -200,8 +211,8 @@ def test_non_tensor_values_are_refused(tmp_path):
     torch.save({"transformer.wte.weight": torch.zeros(3, 2), "epoch": 5, "optimizer": {"lr": 1e-4}}, path)
     with pytest.raises(CheckpointError, match=r"epoch \(int\).*optimizer \(dict\)"):
         read_state_dict(path)
-    torch.save({"model": tiny_model().state_dict(), "epoch": 5}, path)
-    with pytest.raises(CheckpointError, match="under 'model'"):
+    torch.save({"model": tiny_model().state_dict(), "epoch": 5, "optimizer": {"lr": 1e-4}}, path)
+    with pytest.raises(CheckpointError, match="under 'model'"):  # beside more than plain numbers: refused
         read_state_dict(path)
     torch.save(torch.zeros(3), path)
     with pytest.raises(CheckpointError, match="not a state_dict"):
@@ -225,10 +236,32 @@ def test_wrong_key_names_are_listed(tmp_path):
     assert "transformer.h.0.mlp.c_fc.weight (10, 64) != (256, 64)" in message
     assert "CHECKPOINT_LAYOUT" in message
 
-    prefixed = {f"module.{k}": v for k, v in tiny_model().state_dict().items()}
-    torch.save(prefixed, path)
-    with pytest.raises(CheckpointError, match="wrapper prefix"):
+    partly = {**{f"module.{k}": v for k, v in tiny_model().state_dict().items()}, "extra.weight": torch.zeros(1)}
+    torch.save(partly, path)
+    with pytest.raises(CheckpointError, match="wrapper prefix"):  # not every key prefixed: not a wrapper
         load_notebook_checkpoint(path)
+
+
+@pytest.mark.parametrize("wrap", ["module", "_orig_mod", "both", "model_dict", "state_dict_dict"])
+def test_common_wrappers_are_unwrapped_with_one_line_each(tmp_path, wrap, caplog):
+    """DataParallel/DDP and torch.compile prefixes, and {"model": ...} / {"state_dict": ...} with plain numbers."""
+    model = tiny_model()
+    state = model.state_dict()
+    wrapped = {
+        "module": {f"module.{k}": v for k, v in state.items()},
+        "_orig_mod": {f"_orig_mod.{k}": v for k, v in state.items()},
+        "both": {f"_orig_mod.module.{k}": v for k, v in state.items()},
+        "model_dict": {"model": state, "epoch": 4, "val_loss": 1.133},
+        "state_dict_dict": {"state_dict": {f"module.{k}": v for k, v in state.items()}, "step": 100},
+    }[wrap]
+    path = tmp_path / "captioner.pt"
+    torch.save(wrapped, path)
+    with caplog.at_level(logging.INFO, logger="ris_core.paper_notebook.checkpoint"):
+        loaded = load_notebook_checkpoint(path, heads=2)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == {"both": 2, "state_dict_dict": 2}.get(wrap, 1), said
+    assert any(("prefix" in m) or ("state dict under" in m) for m in said)
 
 
 def test_notebook_files_without_final_norm_and_with_mask_buffers_load(tmp_path):
@@ -267,3 +300,22 @@ def test_existing_different_folder_is_never_overwritten(imported, tmp_path, caps
     assert exit_info.value.code == 2 and "--split_from" in capsys.readouterr().err
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.importing-*"))
     assert pd.read_csv(out / "history.csv").shape == (1, 8)
+
+
+def test_the_notebook_is_fed_images_stretched_as_it_was_trained(imported):
+    """The importer records the notebook's preprocessing; the adapter stretches to 224 (here 32) px, bilinear,
+    then (x/255 - 0.5)/0.5: equal to a reference computed the notebook's way within resampling noise."""
+    _, _, out, _ = imported
+    assert json.loads((out / NOTEBOOK_DIR / "config.json").read_text())["extra"]["preprocessing"] == "stretch"
+    adapter = NotebookCaptionerAdapter.load(out)
+    assert adapter.preprocessing == "stretch"
+    size = adapter.model.config.image_size
+    rng = np.random.default_rng(1)  # smaller than the model's input, as the dataset's 60x80 photos are for 224
+    for shape in ((20, 15, 3), (24, 18, 3), (12, 30, 3)):
+        picture = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        reference = np.asarray(picture.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+        reference = torch.from_numpy((reference / 255.0 - 0.5) / 0.5).permute(2, 0, 1)
+        pixels = adapter.preprocess([picture])[0]
+        assert (pixels - reference).abs().mean() < 0.005, "not the notebook's stretch"  # ~0.0015 measured
+        padded = NotebookCaptionerAdapter.from_model(adapter.model, preprocessing="pad").preprocess([picture])[0]
+        assert (padded - reference).abs().mean() > 2 * (pixels - reference).abs().mean()  # padding differs

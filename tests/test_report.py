@@ -6,6 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
+import pytest
+
 from ris_core.runs import Run
 from training.report import compare_table, main
 
@@ -35,3 +38,19 @@ def test_the_report_prints_every_section(capsys) -> None:
     for heading in ("### Training history", "### Caption quality: seen and novel products", "### Verdict (R1)",
                     "### Retrieval (R1, novel products)", "### Refinement (R3)"):
         assert heading in out
+
+
+def test_the_papers_table_one_is_kept_whole_beside_the_notebooks_later_figure():
+    from ris_core.runs import RESULTS_DIR, Run
+
+    paper = Run(RESULTS_DIR / "paper-2024")
+    history = paper.history()
+    assert history["epoch"].tolist() == [1, 2, 3, 4, 5]  # the paper's epochs 0-4, as epochs completed
+    assert history[["train_loss", "train_perplexity", "val_loss", "val_perplexity"]].notna().all().all()
+    assert history["val_perplexity"].iloc[-1] == pytest.approx(3.178422)
+    info = paper.info()
+    assert info["best_epoch"] == 5 and info["notebook_best"]["val_perplexity"] == 3.105
+    shared = Path(__file__).resolve().parents[2] / "shared" / "paper" / "table-1.csv"
+    if shared.is_file():  # beside the shared data: the copy is exact
+        table = pd.read_csv(shared)
+        pd.testing.assert_frame_equal(history[table.columns].assign(epoch=history["epoch"] - 1), table)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from ris_core.encoder_decoder import Captioner, _label_tensor
+from ris_core.encoder_decoder import Captioner, _padded
 from ris_core.modeling import (
     CheckpointError,
     ModelSpec,
@@ -94,7 +94,7 @@ def test_candidate_scores_are_the_models_log_likelihood_whatever_else_is_in_the_
     assert all(score < 0 for score in alone)
     # the same numbers as the loss: summed log-likelihood = -(mean token cross-entropy x tokens)
     hidden = captioner.encode([image]).hidden
-    loss, tokens = token_cross_entropy(captioner.model, hidden, _label_tensor([candidates[1]]))
+    loss, tokens = token_cross_entropy(captioner.model, hidden, _padded(captioner.token_ids([candidates[1]])))
     assert alone[1] == pytest.approx(-loss.item() * tokens, rel=1e-4)
 
 
@@ -108,7 +108,7 @@ def test_one_encoder_pass_and_shared_cross_attention_give_the_same_scores(tiny_r
         assert list(a) == pytest.approx(list(b), abs=1e-5)
     assert captioner.n_best(encoded, 3) == captioner.n_best(images, 3)
     # cross-attention keys and values gathered per caption == each caption given its image's states
-    labels = _label_tensor(["Red Shirt", "Blue Jeans", "Nike Men Black Shoes", "Red Shirt"])
+    labels = _padded(captioner.token_ids(["Red Shirt", "Blue Jeans", "Nike Men Black Shoes", "Red Shirt"]))
     rows = torch.tensor([2, 0, 1, 0])
     with torch.no_grad():
         shared = sequence_log_likelihoods(captioner.model, encoded.hidden, labels, rows)

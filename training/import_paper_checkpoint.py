@@ -145,7 +145,8 @@ def write_run(tmp: Path, model: NotebookCaptioner, args: argparse.Namespace, sha
               source_info: dict, split_path: Path) -> None:
     """notebook/, split.json, history.csv and run.json of the import, into `tmp`."""
     source, out, config = args.checkpoint, args.out, asdict(model.config)
-    save_notebook_dir(model, tmp / NOTEBOOK_DIR, extra={"source_sha256": sha256})
+    # the notebook trained on images stretched to 224 x 224: the adapter feeds it the same (PREPROCESSING)
+    save_notebook_dir(model, tmp / NOTEBOOK_DIR, extra={"source_sha256": sha256, "preprocessing": "stretch"})
     shutil.copyfile(split_path, tmp / "split.json")
     history = pd.DataFrame([REPORTED_ROW], columns=HISTORY_COLUMNS)  # other cells stay empty: never estimated
     write_csv_atomic(tmp / "history.csv", history)
@@ -167,6 +168,11 @@ def write_run(tmp: Path, model: NotebookCaptioner, args: argparse.Namespace, sha
             "held out by split.json were probably in its training data, so held-out scores are optimistic.",
             "Captions come from BOS, which the notebook never trained on: the first generated word is spurious. "
             f"Default decoding here: {DEFAULT_MODE}.",
+            "Images are stretched to 224 x 224 (bilinear) and normalised with mean/std 0.5, as the notebook trained; "
+            "our own runs pad to a white square instead.",
+            "Held-out perplexity is reported both ways: RIS Eval's (the first token predicted from BOS, as our runs) "
+            "and the notebook's (the first token given, never predicted: the definition of the paper's Table I), "
+            "in eval/caption_metrics.json as perplexity and perplexity_notebook_definition.",
         ],
         "git_commit": git_commit(), "imported": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

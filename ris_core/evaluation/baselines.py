@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ris_core.contrastive import ContrastiveModel
-from ris_core.hybrid import blend, cross_fit, rrf
+from ris_core.hybrid import BlendPool, cross_fit, rrf
 
 DEPTH = 100  # candidates kept per query and side for fusion (the judged top 10 come from these)
 
@@ -83,15 +83,16 @@ def r1_quality(articles_of_query: np.ndarray, article_of: dict[int, object]):
     return quality
 
 
-def hybrids(text_hits: list[list[int]], text_scores: list[list[float]], space: Space, quality, k: int = 10,
-            seed: int = 0) -> dict[str, tuple[list[list[int]], dict]]:
-    """{"rrf": (rankings, info), "blend": (rankings, info)} for one caption strategy and one visual space."""
-    visual = space.top()
+def hybrids(text_hits: list[list[int]], text_scores: list[list[float]], space: Space, visual: list[list[int]],
+            quality, k: int = 10, seed: int = 0) -> dict[str, tuple[list[list[int]], dict]]:
+    """{"rrf": (rankings, info), "blend": (rankings, info)} for one caption strategy and one visual space;
+    `visual` holds each query's `DEPTH` nearest catalog ids in `space` (`space.top()`)."""
     fused_rrf = [rrf([t, v], k=k) for t, v in zip(text_hits, visual, strict=True)]
+    pools = [BlendPool.of(t, s, v, lambda ids, row=row: space.similarity(row, ids))
+             for row, (t, s, v) in enumerate(zip(text_hits, text_scores, visual, strict=True))]
 
     def fused_for(weight: float) -> list[list[int]]:
-        return [blend(t, s, v, lambda ids, row=row: space.similarity(row, ids), weight, k=k)
-                for row, (t, s, v) in enumerate(zip(text_hits, text_scores, visual, strict=True))]
+        return [pool.top(weight, k) for pool in pools]
 
     blended, info = cross_fit(len(text_hits), fused_for, quality, seed=seed)
     return {"rrf": (fused_rrf, {"rrf_k": 60, "depth": DEPTH}), "blend": (blended, {**info, "depth": DEPTH})}

@@ -2,7 +2,8 @@
 
 Outputs (committed with a run, read by the dashboard and `training.report`): `captions.csv`,
 `caption_metrics.json`, `retrieval.csv`, `retrieval.json`. Caches (recomputed on a fresh clone when absent):
-`state.json` (keys of what was computed), `val_embeddings.npy`, `catalog_knn.npz/.json`, `refine_cache.sqlite`.
+`state.json` (keys of what was computed), `val_embeddings.npy`, `catalog_knn.npz/.json`, `refine_cache.sqlite`,
+`rankings_cache.npz`.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ CATALOG_KNN = "catalog_knn"  # .npz (arrays) + .json (names, paths)
 REFINE_CACHE = "refine_cache.sqlite"
 NAME_EMBEDDINGS = "name_embeddings.npy"  # the catalog names' MiniLM embeddings
 CONTRASTIVE = "contrastive.safetensors"  # the contrastive visual baseline's projections
+RANKINGS_CACHE = "rankings_cache.npz"  # strategies' and visual spaces' rankings, by what they were computed from
 TIMINGS = "timings.json"  # wall seconds per stage of the evaluation that wrote this set (reused parts are fast)
 RENAMED = {"image_knn": "image_knn:encoder"}  # rows of evaluations written before the verdict rows existed
 
 # What the summaries' fields must be (checked on reading: a field of the wrong type is dropped and reported).
 _SCORES = {name: float for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "brevity_penalty", "exact_match",
                                     "last_two_match", "last_word_match", "loss", "perplexity", "sentence_bleu_mean",
-                                    "visual_weight", "length_weight", "generated_margin")}
+                                    "visual_weight", "length_weight", "generated_margin",
+                                    "loss_notebook_definition", "perplexity_notebook_definition")}
 DECODING_SPEC = {**_SCORES, "n": int, "k": int, "num_beams": int, "mirror": bool}
 CAPTION_METRICS_SPEC = {"run": str, "data_dir": str, "n_scored": int, "n_skipped": int,
                         "n_missing_from_data_dir": int, "num_beams": int, "images_per_second": float,

@@ -32,6 +32,7 @@ from ris_core.contrastive import ContrastiveConfig, load_contrastive, save_contr
 from ris_core.data import DEFAULT_DATA_DIR, Catalog, load_catalog
 from ris_core.errors import DataError, ImageError, RunError
 from ris_core.evaluation import baselines, files, verdict
+from ris_core.evaluation.rankings_cache import RankingsCache
 from ris_core.files import digest, file_sha256, load_npy, save_npy_atomic, write_csv_atomic, write_json_atomic
 from ris_core.images import open_image
 from ris_core.jobs import exclusive
@@ -41,8 +42,8 @@ from ris_core.rerank import RerankConfig, rerank
 from ris_core.retrieval import judge_rankings, paired_difference
 from ris_core.runs import Run
 from ris_core.schema import problems
-from ris_core.search import SearchResult
-from ris_core.search.catalog import CatalogIndex
+from ris_core.search import SearchResult, bm25
+from ris_core.search.catalog import FIELDS, CatalogIndex
 from ris_core.search.image_knn import ImageKnnIndex
 from ris_core.sentence_encoder import EncoderUnavailable, SentenceEncoder, cosine_rows
 from ris_core.strategies import STRATEGIES
@@ -86,6 +87,16 @@ class _Context:
     progress: ProgressHook | None
     state: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # per stage, written to timings.json
+    rankings: RankingsCache | None = None  # rankings of earlier runs, by what they were computed from
+
+    def ranked(self, key: str, compute) -> tuple[list[list[int]], list[list[float]] | None]:
+        """(rankings, scores or None) of `key`: read back when an earlier evaluation computed them, else computed."""
+        found = None if self.config.force or self.rankings is None else self.rankings.get(key)
+        if found is None:
+            found = compute()
+            if self.rankings is not None:
+                self.rankings.put(key, *found)
+        return found
 
     @property
     def products(self) -> pd.DataFrame:
@@ -183,7 +194,7 @@ def _read_state(path: Path) -> dict:
         logger.warning("ignoring the unreadable %s: everything is computed again", path.name)
         return {}
     wanted = {"captions_key": str, "knn_key": str, "rerank_key": str, "skipped": list, "loss_sum": float,
-              "tokens": int, "images_per_second": float}
+              "tokens": int, "images_per_second": float, "other_losses": dict}
     if problems(state, wanted) or not {"captions_key", "skipped", "loss_sum", "tokens"} <= set(state):
         logger.warning("ignoring the malformed %s: everything is computed again", path.name)
         return {}
@@ -194,13 +205,14 @@ def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: 
     """Steps 2-6 into the workspace; returns caption_metrics.json's content."""
     config, products, catalog = ctx.config, ctx.products, ctx.catalog
     started = time.perf_counter()
+    ctx.rankings = RankingsCache.open(ctx.path(files.RANKINGS_CACHE))
     # 2. Caption every held-out image (reused when the same model already captioned the same products)
     with ctx.timed("captioning held-out"):
         captions, val_emb, val_key = _caption_held_out(ctx, val_ids)
     # 3. The visual index over training products (image kNN baseline and nearest-neighbour captions)
     with ctx.timed("embedding the training catalog"):
         knn, knn_key = _catalog_knn(ctx, train_ids)
-        neighbours = knn.search_vectors(val_emb, k=config.k)
+        nn_captions = _nearest_names(ctx, knn, val_emb, digest("neighbours", knn_key, val_key, config.k))
     # 3b. Reranked captions: the best of the model's captions and the names of the visually nearest training
     # products (retrieval-augmented decoding, ris_core/rerank.py), scored beside greedy, never instead
     with ctx.timed("reranking"):
@@ -211,9 +223,8 @@ def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: 
         train_names = products.loc[knn.ids, "productDisplayName"].tolist()
         captions["seen"] = verdict.seen_flags(captions["reference"], train_names)
         encoder = _sentence_encoder()
-        captions, metrics = _caption_metrics(ctx, captions, neighbours, missing, catalog_size=len(knn.ids),
+        captions, metrics = _scored_captions(ctx, captions, nn_captions, missing, catalog_size=len(knn.ids),
                                              encoder=encoder)
-        write_json_atomic(ctx.path(files.CAPTION_METRICS), metrics)
     # 5. Every strategy's query against the catalog of training products; oracle and image kNN beside them
     with ctx.timed("searching the strategies"):
         train_products = products.loc[knn.ids.tolist()]
@@ -223,14 +234,17 @@ def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: 
     # 5b. Visual baselines (the encoder's features; a contrastive image-text model trained on the training names)
     with ctx.timed("visual baselines"):
         spaces = baselines.spaces(val_emb, knn.vectors, knn.ids, *_contrastive(ctx, knn, train_names, encoder))
+        spaces_key = digest(ctx.state.get("captions_key"), ctx.state.get("knn_key"), ctx.state.get("names_key"),
+                            asdict(config.contrastive))
         for space in ctx.steps(spaces, "visual baselines", total=len(spaces), unit="baseline"):
-            hits_of[space.name] = [ranked[: config.k] for ranked in space.top(config.k)]
+            hits_of[space.name] = ctx.ranked(digest("space", spaces_key, space.name, config.k),
+                                             lambda space=space: (space.top(config.k), None))[0]
             frames.append(_per_query("visual", space.name, [""] * len(query_ids), hits_of[space.name], query_ids,
                                      products, train_products))
     # 5c. Hybrids: the best caption strategy's text results fused with the best visual baseline's neighbours
     if config.hybrids:
         with ctx.timed("hybrids"):
-            frames += _hybrids(ctx, captions, frames, index, spaces, train_products)
+            frames += _hybrids(ctx, captions, frames, index, spaces, spaces_key, train_products)
     # 6. Result refinement (paper IV-B) on a seeded subset: re-rank each strategy's hits by agreement
     if config.refine_queries > 0:
         with ctx.timed("refinement"):
@@ -242,6 +256,7 @@ def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: 
         summary = _retrieval_summary(ctx, per_query, n_queries=len(captions), catalog_size=len(index),
                                      reranked="reranked" in captions)
         write_json_atomic(ctx.path(files.RETRIEVAL_SUMMARY), summary)
+    ctx.rankings.save()
     write_json_atomic(ctx.path(files.TIMINGS), {"stages": ctx.seconds,
                                                  "total_seconds": round(time.perf_counter() - started, 1)})
     return metrics
@@ -293,7 +308,7 @@ def _contrastive(ctx: _Context, knn: ImageKnnIndex, names: list[str], encoder: S
 
 
 def _hybrids(ctx: _Context, captions: pd.DataFrame, frames: list[pd.DataFrame], index: CatalogIndex,
-             spaces: list, train_products: pd.DataFrame) -> list[pd.DataFrame]:
+             spaces: list, spaces_key: str, train_products: pd.DataFrame) -> list[pd.DataFrame]:
     """`rrf:<strategy>+<baseline>` and `hybrid:<strategy>+<baseline>` (a blend weighted by cross-fitting)."""
     so_far = pd.concat(frames, ignore_index=True)
     means = so_far.groupby(["strategy", "source"])["R1_p_at_10"].mean().reset_index()
@@ -305,12 +320,12 @@ def _hybrids(ctx: _Context, captions: pd.DataFrame, frames: list[pd.DataFrame], 
     space = next(s for s in spaces if s.name == visual.iloc[0]["strategy"])
     column = {"caption": "generated", "reranked": "reranked"}[source]
     function = STRATEGIES[strategy.split(":", 1)[-1]]
-    responses = index.search_many([function(c) for c in captions[column]], k=baselines.DEPTH)
-    text_hits = [[r.product_id for r in response.results] for response in responses]
-    text_scores = [[r.score or 0.0 for r in response.results] for response in responses]
+    text_hits, text_scores = _text_rankings(ctx, index, [function(c) for c in captions[column]], baselines.DEPTH)
+    visual_hits = ctx.ranked(digest("space", spaces_key, space.name, baselines.DEPTH),
+                             lambda: (space.top(baselines.DEPTH), None))[0]
     articles = ctx.products.loc[captions["id"], "articleType"].to_numpy()
     quality = baselines.r1_quality(articles, train_products["articleType"].to_dict())
-    fused = baselines.hybrids(text_hits, text_scores, space, quality, k=ctx.config.k)
+    fused = baselines.hybrids(text_hits, text_scores, space, visual_hits, quality, k=ctx.config.k)
     ctx.state["hybrid"] = {"strategy": strategy, "baseline": space.name, **fused["blend"][1]}
     query_ids = captions["id"].tolist()
     kinds = (("rrf", "rrf"), ("hybrid", "blend"))
@@ -331,6 +346,7 @@ def _caption_held_out(ctx: _Context, val_ids: list[int]) -> tuple[pd.DataFrame, 
         return captions[[c for c in kept_columns if c in captions]], load_npy(embeddings_path), val_key
     names = ctx.products["productDisplayName"].to_dict()
     kept, generated, chunks, skipped, loss_sum, tokens = [], [], [], [], 0.0, 0
+    other_losses: dict[str, list] = {}  # loss definitions besides ours (the paper notebook's), [sum, tokens]
     started = time.perf_counter()
     for ids, batch, bad in ctx.captioner.caption_paths(
         [(i, ctx.catalog.image_path(i)) for i in val_ids], batch_size=config.batch_size, num_beams=config.num_beams,
@@ -343,6 +359,9 @@ def _caption_held_out(ctx: _Context, val_ids: list[int]) -> tuple[pd.DataFrame, 
             chunks.append(batch.embeddings)
         skipped += [pid for pid, _ in bad]
         loss_sum, tokens = loss_sum + batch.loss_sum, tokens + batch.tokens
+        for definition, (part_sum, part_tokens) in batch.other_losses.items():
+            total = other_losses.setdefault(definition, [0.0, 0])
+            total[0], total[1] = total[0] + part_sum, total[1] + part_tokens
     rate = len(kept) / max(time.perf_counter() - started, 1e-9)
     if not kept:
         raise DataError(f"no held-out image in {ctx.data_dir} could be decoded ({len(skipped)} skipped)")
@@ -351,7 +370,7 @@ def _caption_held_out(ctx: _Context, val_ids: list[int]) -> tuple[pd.DataFrame, 
     save_npy_atomic(embeddings_path, val_emb)
     write_csv_atomic(captions_path, captions)
     ctx.state = {"captions_key": val_key, "skipped": skipped, "loss_sum": loss_sum, "tokens": tokens,
-                 "images_per_second": rate}
+                 "images_per_second": rate, "other_losses": other_losses}
     ctx.save_state()
     ctx.state = json.loads(ctx.path(files.STATE).read_text())  # exactly what a re-run will read
     return captions, val_emb, val_key
@@ -372,6 +391,16 @@ def _catalog_knn(ctx: _Context, train_ids: list[int]) -> tuple[ImageKnnIndex, st
     ctx.state["knn_key"] = knn_key
     ctx.save_state()
     return knn, knn_key
+
+
+def _nearest_names(ctx: _Context, knn: ImageKnnIndex, val_emb: np.ndarray, key: str) -> list[str]:
+    """The name of each held-out photo's visually nearest training product (the nearest-neighbour caption)."""
+    def search() -> tuple[list[list[int]], None]:
+        responses = knn.search_vectors(val_emb, k=ctx.config.k)
+        return [[r.product_id for r in response.results] for response in responses], None
+
+    nearest = ctx.ranked(key, search)[0]
+    return [ctx.products.at[hits[0], "productDisplayName"] if hits else "" for hits in nearest]
 
 
 def _rerank_held_out(ctx: _Context, captions: pd.DataFrame, val_emb: np.ndarray, knn: ImageKnnIndex,
@@ -412,14 +441,51 @@ def _reranked(ctx: _Context, captions: pd.DataFrame, val_emb: np.ndarray, knn: I
     return out
 
 
-def _caption_metrics(ctx: _Context, captions: pd.DataFrame, neighbours: list, missing: int, catalog_size: int,
+PERPLEXITY_DEFINITION = ("exp(mean cross-entropy per token of the captioner's tokenizer, EOS included, the first "
+                         "token predicted from the decoder's start token)")
+METRIC_CODE = [Path(__file__).with_name("verdict.py"), Path(__file__).parents[1] / "metrics.py"]
+
+
+def _scored_captions(ctx: _Context, captions: pd.DataFrame, nn_captions: list[str], missing: int, catalog_size: int,
+                     encoder: SentenceEncoder | None) -> tuple[pd.DataFrame, dict]:
+    """`_caption_metrics`, written; read back when the same captions were scored by the same code before."""
+    texts = captions[[c for c in ("id", "reference", "generated", "reranked", "seen") if c in captions]]
+    key = digest(texts.astype(str).values.tolist(), nn_captions, encoder.name if encoder else None, missing,
+                 catalog_size, ctx.run.name, str(ctx.data_dir), asdict(ctx.config.rerank), ctx.config.num_beams,
+                 {k: ctx.state.get(k) for k in ("skipped", "loss_sum", "tokens", "images_per_second", "other_losses")},
+                 [file_sha256(path) for path in METRIC_CODE])
+    if not ctx.config.force and ctx.state.get("metrics_key") == key:
+        scored = _read_scored(ctx, captions["id"].tolist())
+        if scored is not None:
+            logger.info("reusing the caption metrics of the same captions")
+            return scored
+    captions, metrics = _caption_metrics(ctx, captions, nn_captions, missing, catalog_size, encoder)
+    write_json_atomic(ctx.path(files.CAPTION_METRICS), metrics)
+    ctx.state["metrics_key"] = key
+    ctx.save_state()
+    return captions, metrics
+
+
+def _read_scored(ctx: _Context, ids: list[int]) -> tuple[pd.DataFrame, dict] | None:
+    """The scored captions.csv and caption_metrics.json of an earlier run, if both are there for these ids."""
+    try:
+        captions = pd.read_csv(ctx.path(files.CAPTIONS), keep_default_na=False)
+        metrics = json.loads(ctx.path(files.CAPTION_METRICS).read_text())
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    if "seen" not in captions or captions["id"].tolist() != ids or not isinstance(metrics, dict):
+        return None
+    captions["seen"] = captions["seen"].astype(str).str.lower().eq("true")
+    return captions, metrics
+
+
+def _caption_metrics(ctx: _Context, captions: pd.DataFrame, nn_caption: list[str], missing: int, catalog_size: int,
                      encoder: SentenceEncoder | None) -> tuple[pd.DataFrame, dict]:
     """captions.csv with per-caption scores and attributes (written), and caption_metrics.json's content.
 
     CIDEr-D's document frequencies come from the references of all held-out products scored here; the seen and
     novel figures are means of those per-caption scores (so all three use the same frequencies)."""
     state, config = ctx.state, ctx.config
-    nn_caption = [r.results[0].title if r.results else "" for r in neighbours]
     captions["nn_caption"] = nn_caption
     references = captions["reference"].tolist()
     captions["sentence_bleu"] = [sentence_bleu(g, r) for g, r in zip(captions["generated"], references)]
@@ -449,11 +515,17 @@ def _caption_metrics(ctx: _Context, captions: pd.DataFrame, neighbours: list, mi
         return out
 
     loss = state["loss_sum"] / max(state["tokens"], 1)
+    other = {}  # e.g. the paper notebook's definition, which never predicts the first token (its Table I's)
+    for definition, pair in (state.get("other_losses") or {}).items():
+        if isinstance(pair, list) and len(pair) == 2 and pair[1]:
+            other[f"loss_{definition}_definition"] = pair[0] / pair[1]
+            other[f"perplexity_{definition}_definition"] = math.exp(pair[0] / pair[1])
     metrics = {
         "run": ctx.run.name, "data_dir": str(ctx.data_dir), "n_scored": len(captions),
         "n_skipped": len(state["skipped"]), "n_missing_from_data_dir": missing, "num_beams": config.num_beams,
         "images_per_second": state["images_per_second"],
-        "model": {**scored(captions, "model"), "loss": loss, "perplexity": math.exp(loss)},
+        "model": {**scored(captions, "model"), "loss": loss, "perplexity": math.exp(loss), **other,
+                  "perplexity_definition": PERPLEXITY_DEFINITION},
         "nn_caption_baseline": scored(captions, "nn_caption_baseline"),
         **({"reranked": {**scored(captions, "reranked"), **asdict(config.rerank)}} if "reranked" in captions else {}),
         "catalog_size": catalog_size,
@@ -475,10 +547,24 @@ def _search_strategies(ctx: _Context, captions: pd.DataFrame, index: CatalogInde
     query_ids = captions["id"].tolist()
     for source, name, fn, texts in ctx.steps(jobs, "searching", total=len(jobs), unit="strategy"):
         queries = [fn(t) for t in texts]
-        hits = [[r.product_id for r in response.results] for response in index.search_many(queries, k=ctx.config.k)]
+        hits = _text_rankings(ctx, index, queries, ctx.config.k)[0]
         frames.append(_per_query(source, name, queries, hits, query_ids, ctx.products, train_products))
         hits_of[name] = hits
     return frames, hits_of
+
+
+def _text_rankings(ctx: _Context, index: CatalogIndex, queries: list[str],
+                   k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Each query's top `k` catalog ids and BM25 scores; read back when the same queries met the same index."""
+    key = digest("bm25", index.fingerprint, FIELDS, bm25.K1, bm25.B, k, queries)
+
+    def search() -> tuple[list[list[int]], list[list[float]]]:
+        responses = index.search_many(queries, k=k)
+        return ([[r.product_id for r in response.results] for response in responses],
+                [[r.score or 0.0 for r in response.results] for response in responses])
+
+    hits, scores = ctx.ranked(key, search)
+    return hits, scores if scores is not None else [[0.0] * len(h) for h in hits]
 
 
 def _refined(ctx: _Context, captions: pd.DataFrame, val_emb: np.ndarray, hits_of: dict[str, list[list[int]]],

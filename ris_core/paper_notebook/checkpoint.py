@@ -6,6 +6,7 @@ Safety: `torch.load(..., weights_only=True)` only; anything that is not a plain 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pickle
 import re
@@ -28,6 +29,10 @@ from ris_core.paper_notebook.layout import (
     expected_shapes,
 )
 from ris_core.paper_notebook.model import NotebookCaptioner
+
+logger = logging.getLogger(__name__)
+WRAPPING_KEYS = ("model", "state_dict", "model_state_dict")  # {"model": state_dict, "epoch": 3, ...}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -53,6 +58,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict: {resave}")
+    obj = _unwrapped(obj, path)
     bad_keys = [f"key {k!r} (not a string)" for k in obj if not isinstance(k, str)]
     bad_values = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad_keys or bad_values:
@@ -62,6 +68,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path} is not a plain dict of tensors; refused entries: {_listing(bad_values + bad_keys)}{hint}"
         )
     return dict(obj)
+
+
+def _unwrapped(obj: Mapping, path: Path) -> Mapping:
+    """The state dict inside the common wrappers, each unwrapping said in one log line: a dict holding it under
+    "model" / "state_dict" beside plain numbers (epoch, loss), and the keys' DataParallel / torch.compile prefixes."""
+    inner = next((k for k in WRAPPING_KEYS if isinstance(obj.get(k), Mapping)), None)
+    plain = (int, float, bool, str, type(None))
+    if inner is not None and all(isinstance(v, plain) or k == inner for k, v in obj.items()):
+        others = sorted(k for k in obj if k != inner)
+        logger.info("%s: took the state dict under %r%s", path.name, inner,
+                    f" (beside {', '.join(others)})" if others else "")
+        obj = obj[inner]
+    for prefix in WRAPPER_PREFIXES * 2:  # either order, e.g. _orig_mod.module.
+        if obj and all(isinstance(k, str) and k.startswith(prefix) for k in obj):
+            logger.info("%s: stripped the %r prefix of every key (%s)", path.name, prefix,
+                        "DataParallel/DDP" if prefix == "module." else "torch.compile")
+            obj = {k.removeprefix(prefix): v for k, v in obj.items()}
+    return obj
 
 
 def infer_config(state: Mapping[str, torch.Tensor], heads: int | None = None) -> NotebookCaptionerConfig:

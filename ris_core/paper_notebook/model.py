@@ -9,6 +9,8 @@ from torch import nn
 from ris_core.paper_notebook.layout import BOS_TOKEN_ID, DECODING_MODES, DEFAULT_MODE, NotebookCaptionerConfig
 from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions, gpt2_tokenizer
 
+LOSS_DEFINITIONS = ("ris", "notebook")  # see NotebookCaptioner.reference_loss
+
 
 class _PatchEmbed(nn.Module):
     def __init__(self, c: NotebookCaptionerConfig) -> None:
@@ -231,17 +233,24 @@ class NotebookCaptioner(nn.Module):
         return [drop_first_word(t) for t in texts] if mode == "greedy_drop_first" else texts
 
     @torch.no_grad()
-    def reference_loss(self, references: list[str], *, states: list[torch.Tensor]) -> tuple[float, int]:
-        """Summed token cross-entropy of the references, teacher-forced from BOS, and the token count.
+    def reference_loss(self, references: list[str], *, states: list[torch.Tensor],
+                       definition: str = "ris") -> tuple[float, int]:
+        """Summed token cross-entropy of the references, teacher-forced, and the token count.
 
-        Inputs [BOS, t1..tn] predict [t1..tn, EOS]: per GPT-2 token with EOS included, like our runs' loss.
+        definition="ris": inputs [BOS, t1..tn] predict [t1..tn, EOS], per GPT-2 token with EOS included, like our
+        runs' loss. definition="notebook": inputs [t1..tn] predict [t2..tn, EOS], as the notebook trains and
+        reports (its Table I): the first caption token is given, never predicted.
         """
+        if definition not in LOSS_DEFINITIONS:
+            raise ValueError(f"unknown loss definition {definition!r}; choose one of {sorted(LOSS_DEFINITIONS)}")
         labels = encode_captions(references, max_length=min(48, self.config.n_positions))
         width = max(map(len, labels))
         targets = torch.full((len(labels), width), -100, dtype=torch.long)
         for row, seq in enumerate(labels):
             targets[row, : len(seq)] = torch.tensor(seq)
         inputs = torch.cat([torch.full_like(targets[:, :1], BOS_TOKEN_ID), targets[:, :-1].clamp(min=0)], dim=1)
+        if definition == "notebook":  # drop BOS: t1 is the first input, t2 the first target
+            inputs, targets = inputs[:, 1:], targets[:, 1:]
         hidden, _ = self.decode(inputs, self.cross_keys_values(states))
         keep = targets != -100
         logits = self.lm_head(hidden[keep]).float()  # the output layer on target positions only

@@ -203,6 +203,12 @@ class CatalogIndex:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything indexed and the schema version: equal fingerprints rank every query the same."""
+        with self._lock:
+            return self._conn.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()[0]
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
