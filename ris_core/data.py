@@ -137,13 +137,19 @@ def read_styles(path: Path) -> tuple[pd.DataFrame, LoadReport]:
     return frame, report
 
 
-def load_catalog(data_dir: str | Path, require_images: bool = True) -> Catalog:
+def load_catalog(data_dir: str | Path, require_images: bool = True, columns=None) -> Catalog:
     """Load a Kaggle-layout folder into a clean product table (index = integer id).
 
-    Rows without a name, without an image file, or with a repeated or non-numeric id are
-    skipped and counted in `Catalog.report`.
+    Any other copy of the data (a parquet file or folder, a saved Arrow dataset, an imagefolder, a Hub dataset
+    id) is read through `datasets` and written once as the Kaggle layout (`ris_core.dataset_sources`; `columns`:
+    a `SourceColumns` saying which column is which). Rows without a name, without an image file, or with a
+    repeated or non-numeric id are skipped and counted in `Catalog.report`.
     """
     data_dir = Path(data_dir)
+    if _other_source(data_dir):
+        from ris_core.dataset_sources import kaggle_layout
+
+        data_dir = kaggle_layout(str(data_dir), columns)
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist: pass a folder with styles.csv and images/")
     frame, report = read_styles(data_dir / "styles.csv")
@@ -180,6 +186,16 @@ def load_catalog(data_dir: str | Path, require_images: bool = True) -> Catalog:
     if report.kept == 0:
         raise DataError(f"{data_dir}: no usable products (see: {report.summary()})")
     return Catalog(products=frame, image_dir=image_dir, report=report)
+
+
+def _other_source(path: Path) -> bool:
+    """A source `datasets` reads: a parquet file, a folder that is not a Kaggle one, or a Hub id (owner/name)."""
+    if path.is_file():
+        return path.suffix == ".parquet"
+    if path.is_dir():
+        return not (path / "styles.csv").exists() and not (path / "images").is_dir()
+    parts = path.parts
+    return len(parts) == 2 and not str(path).startswith((".", "/")) and all(p.strip() for p in parts)
 
 
 @dataclass

@@ -67,7 +67,16 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_dir: str = field(default=str(DEFAULT_DATA_DIR), metadata={"help": "Kaggle layout: styles.csv + images/"})
+    data_dir: str = field(default=str(DEFAULT_DATA_DIR), metadata={
+        "help": "Kaggle layout (styles.csv + images/), or any copy `datasets` reads: a parquet file or folder, a saved "
+                "Arrow dataset, an imagefolder, a Hub dataset id"})
+    image_column: str | None = field(default=None, metadata={"help": "non-Kaggle sources: the image column"})
+    text_column: str | None = field(default=None, metadata={
+        "help": "non-Kaggle sources: the caption column (default: productDisplayName, text, caption, title, name)"})
+    id_column: str | None = field(default=None, metadata={
+        "help": "non-Kaggle sources: the numeric product id (default: id; an imagefolder's file stem)"})
+    rename_column: list[str] | None = field(default=None, metadata={
+        "help": "non-Kaggle sources: source=kaggle pairs for attribute columns, e.g. category=articleType"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of product ids held out"})
     split_seed: int = field(default=0, metadata={"help": "changes which products are held out"})
     split_by: str = field(default="product", metadata={

@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ris_core.dataset_sources import SourceColumns
 from ris_core.errors import RisError
 from ris_core.evaluation.pipeline import EvalConfig, evaluate_run
 from ris_core.rerank import RerankConfig
@@ -25,7 +26,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults, rerank = EvalConfig(), RerankConfig()
     parser.add_argument("--run", type=Path, required=True, help="run folder (results/runs/<name>)")
     parser.add_argument("--data_dir", type=Path, default=None,
-                        help="Kaggle-layout folder holding the held-out products (default: the run's own)")
+                        help="the products: a Kaggle-layout folder, or a parquet file or folder, Arrow dataset, "
+                             "imagefolder or Hub dataset id (default: the run's own)")
+    parser.add_argument("--image_column", default=None, help="non-Kaggle sources: the image column")
+    parser.add_argument("--text_column", default=None, help="non-Kaggle sources: the caption column")
+    parser.add_argument("--id_column", default=None, help="non-Kaggle sources: the numeric product id column")
+    parser.add_argument("--rename_column", nargs="*", default=None,
+                        help="non-Kaggle sources: source=kaggle pairs for attribute columns (category=articleType)")
     parser.add_argument("--k", type=int, default=defaults.k, help="results judged per query")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="images per captioning batch")
     parser.add_argument("--num_beams", type=int, default=defaults.num_beams, help="1 = greedy (deterministic)")
@@ -61,7 +68,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    return evaluate_run(Run(args.run), args.data_dir, config_from_args(args))
+    given = (args.image_column, args.text_column, args.id_column, args.rename_column)
+    columns = SourceColumns.parse(*given) if any(given) else None  # None: the columns the run was trained with
+    return evaluate_run(Run(args.run), args.data_dir, config_from_args(args), columns=columns)
 
 
 def cli() -> None:

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import Seq2SeqLMOutput
 from transformers.trainer_utils import get_last_checkpoint
 
 from ris_core.data import DataError, Split, fingerprint, load_catalog, make_split, name_key, verbatim_overlap
+from ris_core.dataset_sources import SourceColumns
 from ris_core.files import write_json_atomic
 from ris_core.modeling import (
     HubUnavailable,
@@ -236,7 +237,9 @@ def main(argv: list[str] | None = None) -> Path:
     model.generation_config = base.generation_config
 
     # 4. Load the products; decode every image once; hold out a seeded split
-    catalog = load_catalog(data_args.data_dir)
+    columns = SourceColumns.parse(data_args.image_column, data_args.text_column, data_args.id_column,
+                                  data_args.rename_column)
+    catalog = load_catalog(data_args.data_dir, columns=columns)
     logger.info("data: %s", catalog.report.summary())
     ids = catalog.products.index.tolist()[: data_args.max_products]
     if run_args.cache_features:
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> Path:
     info = {
         "name": run_name, "kind": "captioner", "preset": model_args.preset, "args": resolved,
         "model_spec": asdict(spec), "git_commit": git_commit(), "status": "training",
-        "data": {**fingerprint(kept), "data_dir": str(data_args.data_dir),
+        "data": {**fingerprint(kept), "data_dir": str(data_args.data_dir), "columns": asdict(columns),
                  "report": asdict(catalog.report) | {"skipped_ids": None},
                  "unreadable_images": broken, "train": len(split.train_ids), "val": len(split.val_ids),
                  "val_names_seen_in_train": verbatim_overlap(names.loc[split.train_ids].tolist(),

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ris_core.captioner import ImageCaptioner, ProgressHook, load_any_captioner
 from ris_core.contrastive import ContrastiveConfig, load_contrastive, save_contrastive, train_contrastive
 from ris_core.data import DEFAULT_DATA_DIR, Catalog, load_catalog
+from ris_core.dataset_sources import HUB_ID, SourceColumns
 from ris_core.errors import DataError, ImageError, RunError
 from ris_core.evaluation import baselines, files, verdict
 from ris_core.evaluation.rankings_cache import RankingsCache
@@ -128,7 +129,7 @@ def resolve_data_dir(run: Run, data_dir: Path | None) -> Path:
     if data_dir is not None:
         return Path(data_dir)
     trained_on = run.info().get("data", {}).get("data_dir")
-    if trained_on and Path(trained_on).is_dir():
+    if trained_on and (Path(trained_on).exists() or HUB_ID.match(trained_on)):  # a folder, a parquet, a Hub id
         return Path(trained_on)
     return DEFAULT_DATA_DIR
 
@@ -140,8 +141,9 @@ def model_digest(run: Run) -> str:
 
 
 def evaluate_run(run: Run | str | Path, data_dir: Path | None = None, config: EvalConfig | None = None,
-                 progress: ProgressHook | None = None) -> Path:
-    """Evaluate `run` on its held-out products found in `data_dir`; returns the eval/ folder."""
+                 progress: ProgressHook | None = None, columns: SourceColumns | None = None) -> Path:
+    """Evaluate `run` on its held-out products found in `data_dir` (any source `load_catalog` reads, with
+    `columns` saying which column is which: default, those the run was trained with); returns the eval/ folder."""
     run = run if isinstance(run, Run) else Run(Path(run))
     config = config or EvalConfig()
     # 1. The run, its held-out products, and the data folder holding their images
@@ -154,7 +156,9 @@ def evaluate_run(run: Run | str | Path, data_dir: Path | None = None, config: Ev
         raise RunError(why)
     split = run.split()
     data_dir = resolve_data_dir(run, data_dir)
-    catalog = load_catalog(data_dir)
+    if columns is None and isinstance(recorded := run.info().get("data", {}).get("columns"), dict):
+        columns = SourceColumns(**{k: v for k, v in recorded.items() if k in SourceColumns.__dataclass_fields__})
+    catalog = load_catalog(data_dir, columns=columns)
     products = catalog.products
     val_ids = [i for i in split.val_ids if i in products.index]
     missing = len(split.val_ids) - len(val_ids)
