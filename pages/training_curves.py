@@ -30,10 +30,12 @@ for run in choice.runs:
     if isinstance(info.get("note"), str) and info["note"].strip():
         notes[run.name] = info["note"].strip()
 
-with st.expander("Open a history from another tool (CSV or trainer_state.json)"):
-    upload = st.file_uploader("History file", type=["csv", "json"], key="curves_upload",
+with st.expander("Open a history from another tool (CSV, trainer_state.json or a TensorBoard event file)"):
+    upload = st.file_uploader("History file", key="curves_upload",
                               help="A CSV with an epoch column and loss columns (train_loss/loss, val_loss/"
-                                   "eval_loss), or a transformers trainer_state.json (its log_history).")
+                                   "eval_loss), a transformers trainer_state.json (its log_history), or a TensorBoard "
+                                   "events.out.tfevents.* file (e.g. a run's tensorboard/ with --report_to "
+                                   "tensorboard).")
     if upload is not None:
         try:
             curves.append(Curve(upload.name, flag_implausible(parse_history(upload.name, upload.getvalue()))))

@@ -1,6 +1,7 @@
-"""Read a training history written by another tool: a CSV with epoch/loss columns, or a transformers
-`trainer_state.json` (its `log_history`). Pure functions: bytes in, a DataFrame in the run's
-history.csv columns out, or a ValueError whose message says what the file lacks.
+"""Read a training history written by another tool: a CSV with epoch/loss columns, a transformers
+`trainer_state.json` (its `log_history`), or a TensorBoard event file (`events.out.tfevents.*`, e.g. from
+`--report_to tensorboard`). Pure functions: bytes in, a DataFrame in the run's history.csv columns out, or a
+ValueError whose message says what the file lacks.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def parse_history(name: str, data: bytes) -> pd.DataFrame:
     """A history from an uploaded file: `trainer_state.json` (or any .json with `log_history`) or a CSV."""
     if len(data) > MAX_BYTES:
         raise ValueError(f"{name} is {len(data) / 1e6:.0f} MB; a training history is far smaller")
+    if "tfevents" in name:
+        return from_tensorboard(name, data)
     text = _text(name, data)
     if name.lower().endswith(".json") or text.lstrip().startswith("{"):
         return from_trainer_state(name, text)
@@ -69,6 +72,49 @@ def from_trainer_state(name: str, text: str) -> pd.DataFrame:
     epochs = sorted(set(train) | set(val))
     rows = [{"epoch": e, **train.get(e, {}), **val.get(e, {})} for e in epochs]
     return _finish(pd.DataFrame(rows))
+
+
+# TensorBoard scalar tag -> history.csv column: RIS Eval's per-epoch rows first, then Trainer's own tags
+TENSORBOARD_TAGS = {"history/train_loss": "train_loss", "history/val_loss": "val_loss",
+                    "history/learning_rate": "learning_rate", "train/loss": "train_loss", "eval/loss": "val_loss",
+                    "train/learning_rate": "learning_rate"}
+EPOCH_TAGS = ("history/epoch", "train/epoch", "eval/epoch")
+
+
+def from_tensorboard(name: str, data: bytes) -> pd.DataFrame:
+    """Loss curves from one TensorBoard event file: each step's epoch comes from an epoch scalar logged beside."""
+    import tempfile
+    from pathlib import Path
+
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise ValueError(f"{name} is a TensorBoard event file: reading it needs the tensorboard package") from None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "events.out.tfevents.upload"
+        path.write_bytes(data)
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        try:
+            events.Reload()
+        except Exception as err:  # a torn or foreign file: the reader raises many types
+            raise ValueError(f"{name} is not a readable TensorBoard event file ({type(err).__name__})") from None
+        tags = set(events.Tags().get("scalars", []))
+        if not tags:  # the reader skips what it cannot parse: a torn or foreign file reads as empty
+            raise ValueError(f"{name} is not a readable TensorBoard event file (no scalar events in it)")
+        series = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in tags}
+    epoch_of: dict[int, float] = {}
+    for tag in EPOCH_TAGS:
+        for step, value in series.get(tag, {}).items():
+            epoch_of.setdefault(step, value)
+    columns: dict[str, dict[float, float]] = {}
+    for tag, column in TENSORBOARD_TAGS.items():
+        if tag in series and column not in columns:
+            columns[column] = {round(epoch_of[s], 4): v for s, v in series[tag].items() if s in epoch_of}
+    if not epoch_of or not any(columns.get(c) for c in ("train_loss", "val_loss")):
+        raise ValueError(f"{name} holds no loss scalars with an epoch beside them (found tags: "
+                         f"{', '.join(sorted(tags)) or 'none'})")
+    epochs = sorted({e for values in columns.values() for e in values})
+    return _finish(pd.DataFrame([{"epoch": e, **{c: v.get(e) for c, v in columns.items()}} for e in epochs]))
 
 
 def from_csv(name: str, text: str) -> pd.DataFrame:

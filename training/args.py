@@ -111,6 +111,9 @@ class RunArguments:
     )
     seed: int = field(default=0, metadata={"help": "initialisation and shuffling seed"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size of the per-epoch validation pass"})
+    report_to: str = field(default="none", metadata={
+        "help": "none, or tensorboard: Trainer's own integration, event files in <run>/tensorboard/ (per-step train "
+                "loss, and per epoch the rows of history.csv)"})
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, RunArguments]:

@@ -9,14 +9,17 @@ Writes results/runs/<run_name>/: run.json, split.json, history.csv, model/ (best
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments, VisionEncoderDecoderModel
 from transformers.modeling_outputs import Seq2SeqLMOutput
 from transformers.trainer_utils import get_last_checkpoint
@@ -39,7 +42,8 @@ from training.data import CaptionDataset, cached_backbone_maps, decode_images, m
 
 logger = logging.getLogger("training.train")
 # fields that may differ between the command that started a run and the one that resumes it
-RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name"}
+RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name", "report_to"}
+TENSORBOARD_DIR = "tensorboard"  # inside the run folder, with --report_to tensorboard
 # arguments added after runs were already recorded, with the value those older runs implicitly used
 ADDED_SINCE = {"flip_p": 0.0, "split_by": "product"}  # what a run recorded before an argument existed used
 
@@ -118,9 +122,15 @@ def split_loss(model: TrainableCaptioner, dataset: CaptionDataset, collate, batc
 class RunRecorder(TrainerCallback):
     """After every epoch: validation loss, one history row, the best model exported, run.json updated."""
 
-    def __init__(self, run_dir: Path, info: dict, spec: ModelSpec, val_set, collate, eval_batch_size: int) -> None:
+    def __init__(self, run_dir: Path, info: dict, spec: ModelSpec, val_set, collate, eval_batch_size: int,
+                 tensorboard: bool = False) -> None:
         self.run_dir, self.info, self.spec = run_dir, info, spec
         self.val_set, self.collate, self.eval_batch_size = val_set, collate, eval_batch_size
+        self.tensorboard, self.writer = tensorboard, None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.writer is not None:
+            self.writer.close()
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         self.started = time.time()
@@ -129,15 +139,30 @@ class RunRecorder(TrainerCallback):
     def on_epoch_end(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
         seconds = time.time() - self.started
         epoch = int(round(state.epoch))
-        train_loss = model.loss_sum / max(model.token_count, 1)
+        # under `accelerate launch` each process saw its share of the batches: sum them, then one process writes
+        totals = torch.tensor([model.loss_sum, model.token_count, model.sample_count], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        if not state.is_world_process_zero:
+            return
+        loss_sum, token_count, sample_count = totals.tolist()
+        train_loss = loss_sum / max(token_count, 1)
         val_loss = split_loss(model, self.val_set, self.collate, self.eval_batch_size)
         row = {
             "epoch": epoch, "train_loss": train_loss, "train_perplexity": math.exp(train_loss),
             "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
             "learning_rate": lr_scheduler.get_last_lr()[0] if lr_scheduler else args.learning_rate,
-            "seconds": round(seconds, 1), "samples_per_second": round(model.sample_count / max(seconds, 1e-9), 1),
+            "seconds": round(seconds, 1), "samples_per_second": round(sample_count / max(seconds, 1e-9), 1),
         }
         history = upsert_history_row(self.run_dir / "history.csv", row)
+        if self.tensorboard:  # beside Trainer's per-step scalars: the epoch's row, at the step it ended on
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), filename_suffix=".epochs")
+            for key in ("epoch", "train_loss", "val_loss", "learning_rate"):
+                self.writer.add_scalar(f"history/{key}", row[key], state.global_step)
+            self.writer.flush()
         best = history.loc[history["val_loss"].idxmin()]
         if int(best["epoch"]) == epoch:
             model.sync_other_rows()
@@ -219,15 +244,23 @@ def open_run_dir(run_dir: Path, resolved: dict) -> bool:
 def main(argv: list[str] | None = None) -> Path:
     # 1. Parse input arguments, resolve the preset
     model_args, data_args, run_args = parse_args(argv)
+    if run_args.report_to not in ("none", "tensorboard"):
+        raise RunError(f"--report_to must be none or tensorboard, not {run_args.report_to!r}")
+    if run_args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise RunError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
     spec = model_spec(model_args)
     resolved = {**asdict(model_args), **asdict(data_args), **asdict(run_args)}
     run_name = run_args.run_name or default_run_name(model_args, run_args)
     run_dir = Path(run_args.results_dir) / run_name
     torch.manual_seed(run_args.seed)
+    # one process, or one of several under `accelerate launch`: only the main one writes the run folder
+    processes = PartialState()
+    main_process = processes.is_main_process
 
-    # 2. Open (or resume) the run folder before any heavy work
-    resuming = open_run_dir(run_dir, resolved)
-    last_checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+    # 2. Open (or resume) the run folder before any heavy work (the main process first; the others then find it)
+    with processes.main_process_first():
+        resuming = open_run_dir(run_dir, resolved) if main_process else (run_dir / "run.json").is_file()
+        last_checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
     logger.info("%s run %s%s", "resuming" if resuming else "starting", run_dir,
                 f" from {last_checkpoint}" if last_checkpoint else "")
 
@@ -239,22 +272,25 @@ def main(argv: list[str] | None = None) -> Path:
     # 4. Load the products; decode every image once; hold out a seeded split
     columns = SourceColumns.parse(data_args.image_column, data_args.text_column, data_args.id_column,
                                   data_args.rename_column)
-    catalog = load_catalog(data_args.data_dir, columns=columns)
-    logger.info("data: %s", catalog.report.summary())
-    ids = catalog.products.index.tolist()[: data_args.max_products]
-    if run_args.cache_features:
-        maps, broken = cached_backbone_maps(model, catalog, ids, spec, Path(data_args.cache_dir))
-        kept = maps["ids"].tolist()
-        if data_args.flip_p > 0:
-            mirrored, _ = cached_backbone_maps(model, catalog, ids, spec, Path(data_args.cache_dir), mirrored=True)
-    else:
-        pixels, kept, broken = decode_images(catalog, ids, spec)
+    with processes.main_process_first():  # the main process writes the data and feature caches, the others read
+        catalog = load_catalog(data_args.data_dir, columns=columns)
+        logger.info("data: %s", catalog.report.summary())
+        ids = catalog.products.index.tolist()[: data_args.max_products]
+        if run_args.cache_features:
+            maps, broken = cached_backbone_maps(model, catalog, ids, spec, Path(data_args.cache_dir))
+            kept = maps["ids"].tolist()
+            if data_args.flip_p > 0:
+                mirrored, _ = cached_backbone_maps(model, catalog, ids, spec, Path(data_args.cache_dir),
+                                                   mirrored=True)
+        else:
+            pixels, kept, broken = decode_images(catalog, ids, spec)
     split_path = run_dir / "split.json"
     groups = ([name_key(n) for n in catalog.products.loc[kept, "productDisplayName"]]
               if data_args.split_by == "name" else None)
     split = Split.load(split_path) if resuming and split_path.is_file() else make_split(
-        kept, data_args.val_fraction, data_args.split_seed, groups=groups)
-    split.save(split_path)
+        kept, data_args.val_fraction, data_args.split_seed, groups=groups)  # seeded: every process draws the same
+    if main_process:
+        split.save(split_path)
 
     # 5. Tokenize captions (GPT-2 BPE + EOS) and assemble the datasets
     names = catalog.products["productDisplayName"]
@@ -292,7 +328,8 @@ def main(argv: list[str] | None = None) -> Path:
 
         previous = json.loads((run_dir / "run.json").read_text())
         info = {**previous, **{k: v for k, v in info.items() if k not in ("started",)}}
-    write_json_atomic(run_dir / "run.json", info)
+    if main_process:
+        write_json_atomic(run_dir / "run.json", info)
 
     # 7. Trainer: epochs, checkpoints for resuming, mixed precision where it pays
     steps_per_epoch = math.ceil(len(train_set) / run_args.batch_size)
@@ -300,6 +337,9 @@ def main(argv: list[str] | None = None) -> Path:
     if warmup < 0:
         warmup = -warmup * steps_per_epoch * run_args.epochs
     on_gpu = torch.cuda.is_available()
+    reporting = [] if run_args.report_to == "none" else [run_args.report_to]
+    if "tensorboard" in reporting:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / TENSORBOARD_DIR))  # Trainer's integration
     training_args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=run_args.epochs, max_steps=run_args.max_steps,
@@ -308,10 +348,12 @@ def main(argv: list[str] | None = None) -> Path:
         max_grad_norm=1.0, seed=run_args.seed,
         bf16=run_args.precision == "bf16", fp16=run_args.precision == "fp16" and on_gpu,
         save_strategy="epoch", save_total_limit=1, eval_strategy="no",
-        logging_steps=50, report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+        logging_steps=50, report_to=reporting, remove_unused_columns=False, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # under accelerate launch / torchrun: every trainable weight is used
         use_cpu=not on_gpu,
     )
-    callbacks = [RunRecorder(run_dir, info, spec, val_set, collate, run_args.eval_batch_size)]
+    callbacks = [RunRecorder(run_dir, info, spec, val_set, collate, run_args.eval_batch_size,
+                             tensorboard="tensorboard" in reporting)]
     if run_args.staged_unfreezing:
         callbacks.append(StagedUnfreezing())
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
@@ -320,6 +362,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 8. Train (resuming from the last whole epoch if there is one)
     trainer.train(resume_from_checkpoint=last_checkpoint)
+    if not trainer.is_world_process_zero():
+        return run_dir
     info.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_json_atomic(run_dir / "run.json", info)
     logger.info("done: %s (best epoch %s, val perplexity %.3f)", run_dir, info.get("best_epoch"),

@@ -1,0 +1,78 @@
+"""Training on more than one process, as on many GPUs or machines: `accelerate launch` with two CPU processes.
+
+accelerate's `--cpu` launcher runs several CPU processes only through MPI (not installed here); `--multi_gpu`
+starts them through torch's own launcher (torchrun), which on a machine without GPUs joins them with the gloo
+backend: the same code path as a multi-GPU run, on CPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ris_core.captioner import load_any_captioner
+from tests.conftest import REPO, tiny_train_args
+
+pytestmark = pytest.mark.slow
+LAUNCH = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def launch(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAUNCH, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def test_two_processes_write_one_run_that_loads_and_compares_with_one(tiny_catalog: Path, tmp_path: Path):
+    args = tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", name="two", epochs=2)
+    done = launch(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("starting run") == 2  # both processes ran, one folder
+    run = tmp_path / "runs" / "two"
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]  # written once per epoch, by the main process
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "complete" and info["epochs_done"] == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["two"]
+    assert isinstance(load_any_captioner(run).caption([Image.new("RGB", (60, 80), "white")])[0], str)
+
+    # one process with the same global batch (2 x 16): the same data, the same number of steps
+    single = tiny_train_args(tiny_catalog, tmp_path / "runs1", tmp_path / "cache1", name="one", epochs=2)
+    single[single.index("--batch_size") + 1] = "32"
+    done = subprocess.run([sys.executable, "-m", "training.train", *single], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = pd.read_csv(tmp_path / "runs1" / "one" / "history.csv")
+    # other batch orders (each process draws its own half), same schedule: close, not equal
+    assert history["val_loss"].iloc[-1] == pytest.approx(one["val_loss"].iloc[-1], rel=1e-3)  # 6e-6 measured
+
+
+def test_a_kill_of_both_processes_resumes_with_the_same_command(tiny_catalog: Path, tmp_path: Path):
+    args = tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", name="killed", epochs=4)
+    args[args.index("--batch_size") + 1] = "4"  # more steps per epoch: time to kill between checkpoints
+    run = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen([*LAUNCH, *args], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((run / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes
+    proc.wait()
+    first = pd.read_csv(run / "history.csv")
+    assert 1 <= len(first) < 4, "the run finished before it could be killed"
+
+    done = launch(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("resuming run") == 2
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]  # no duplicate, no gap
+    assert history.loc[0, "val_loss"] == pytest.approx(first.loc[0, "val_loss"])
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
