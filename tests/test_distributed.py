@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,3 +77,25 @@ def test_a_kill_of_both_processes_resumes_with_the_same_command(tiny_catalog: Pa
     assert history["epoch"].tolist() == [1, 2, 3, 4]  # no duplicate, no gap
     assert history.loc[0, "val_loss"] == pytest.approx(first.loc[0, "val_loss"])
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
+
+
+def test_two_processes_share_the_captioning_and_write_the_same_evaluation_as_one(tiny_run: Path,
+                                                                                tiny_catalog: Path, tmp_path: Path):
+    """`accelerate launch -m training.evaluate`: the image batches are shared, the files are those of one process."""
+    runs = {name: shutil.copytree(tiny_run, tmp_path / name / tiny_run.name, ignore=shutil.ignore_patterns("eval"))
+            for name in ("one", "two")}
+    common = ["--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50", "--refine_queries", "8",
+              "--batch_size", "8"]
+    one = subprocess.run([sys.executable, "-m", "training.evaluate", "--run", str(runs["one"]), *common], cwd=REPO,
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    evaluate = [a if a != "training.train" else "training.evaluate" for a in LAUNCH]
+    two = subprocess.run([*evaluate, "--run", str(runs["two"]), *common], cwd=REPO, env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in ("captions.csv", "retrieval.csv"):
+        assert (runs["two"] / "eval" / name).read_bytes() == (runs["one"] / "eval" / name).read_bytes(), name
+    first, second = (json.loads((runs[k] / "eval" / "caption_metrics.json").read_text()) for k in ("one", "two"))
+    assert {k: v for k, v in first["model"].items()} == pytest.approx(second["model"])
+    listing = {k: sorted(p.relative_to(runs[k]).as_posix() for p in runs[k].rglob("*")) for k in runs}
+    assert listing["two"] == listing["one"]  # the other process wrote nothing, left no workspace behind

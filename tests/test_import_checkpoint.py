@@ -150,6 +150,10 @@ def test_deit_and_swin_encoders_caption_and_score(encoder: str, tmp_path: Path, 
     assert [len(s) for s in scores] == [1, 2] and all(np.isfinite(s).all() and (s < 0).all() for s in scores)
     assert json.loads((out / "run.json").read_text())["model_spec"]["encoder"] == encoder
     assert not (out / "history.csv").exists()  # no trainer_state.json: no history is made up
+    evaluate_main(["--run", str(out), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "20",
+                   "--max_products", "6", "--refine_queries", "2", "--rerank_beams", "2"])
+    metrics = json.loads((out / "eval" / "caption_metrics.json").read_text())
+    assert metrics["n_scored"] == 6 and "reranked" in metrics and metrics["model"]["perplexity"] > 1
 
 
 def test_a_non_gpt2_decoder_is_scored_through_its_own_forward(tmp_path: Path, tiny_catalog: Path):

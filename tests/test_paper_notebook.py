@@ -94,6 +94,8 @@ def test_import_writes_a_run_folder(imported):
         keys = set(stored.keys())
     assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys  # tied: stored once
     assert json.loads((out / "notebook" / "config.json").read_text())["heads"] == 2
+    for path in [p for p in out.rglob("*") if p.is_file()]:  # readable by whoever serves the dashboard
+        assert os.stat(path).st_mode & 0o644 == 0o644, path.name
 
 
 def test_rebuilt_model_gives_exactly_the_same_logits(imported):

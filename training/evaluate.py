@@ -14,11 +14,13 @@ import logging
 import sys
 from pathlib import Path
 
+from ris_core.captioner import load_any_captioner
 from ris_core.dataset_sources import SourceColumns
 from ris_core.errors import RisError
 from ris_core.evaluation.pipeline import EvalConfig, evaluate_run
 from ris_core.rerank import RerankConfig
 from ris_core.runs import Run
+from ris_core.sharding import process_count, release, serve
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +72,14 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     given = (args.image_column, args.text_column, args.id_column, args.rename_column)
     columns = SourceColumns.parse(*given) if any(given) else None  # None: the columns the run was trained with
-    return evaluate_run(Run(args.run), args.data_dir, config_from_args(args), columns=columns)
+    rank, processes = process_count()
+    if rank > 0:  # under accelerate launch / torchrun: caption and embed the main process's orders, write nothing
+        serve(load_any_captioner(args.run))
+        return Run(args.run).eval_dir
+    try:
+        return evaluate_run(Run(args.run), args.data_dir, config_from_args(args), columns=columns)
+    finally:
+        release()
 
 
 def cli() -> None:

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> Path:
     run_dir = Path(run_args.results_dir) / run_name
     torch.manual_seed(run_args.seed)
     # one process, or one of several under `accelerate launch`: only the main one writes the run folder
-    processes = PartialState()
+    processes = PartialState(cpu=not torch.cuda.is_available())  # without cpu=, CPU processes count as one
     main_process = processes.is_main_process
 
     # 2. Open (or resume) the run folder before any heavy work (the main process first; the others then find it)

@@ -47,6 +47,7 @@ from ris_core.search import SearchResult, bm25
 from ris_core.search.catalog import FIELDS, CatalogIndex
 from ris_core.search.image_knn import ImageKnnIndex
 from ris_core.sentence_encoder import EncoderUnavailable, SentenceEncoder, cosine_rows
+from ris_core.sharding import ShardedCaptioner, process_count
 from ris_core.strategies import STRATEGIES
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ def evaluate_run(run: Run | str | Path, data_dir: Path | None = None, config: Ev
     train_ids = [i for i in split.train_ids if i in products.index]
     with exclusive(run.path / EVAL_LOCK, f"an evaluation of {run.name}"):
         captioner = load_any_captioner(run.path)  # before touching eval/: a corrupt checkpoint leaves no trace
+        if process_count()[1] > 1:  # under a launcher: image batches shared with the other processes
+            captioner = ShardedCaptioner(captioner)
         work = files.open_workspace(run.eval_dir)
         ctx = _Context(run=run, work_dir=work, data_dir=data_dir, catalog=catalog, config=config,
                        captioner=captioner, model_key=model_digest(run), progress=progress)
