@@ -366,6 +366,7 @@ def main() -> None:
     st.divider()
     options = search_options()
     results(run, photo, caption, options, products, choice.data_dir, train_ids, limit)
+    loaders.warm_captioner(run)  # after the first paint: an upload then needs no model load
 
 
 main()

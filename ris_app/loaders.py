@@ -155,6 +155,29 @@ def captioner(run: Run) -> ImageCaptioner:
     return _captioner(*run_key(run))
 
 
+_warming: set[Key] = set()
+_warming_lock = threading.Lock()
+
+
+def warm_captioner(run: Run) -> None:
+    """Load the run's captioner in a background thread, once per process, if nothing has yet: a page that
+    answered from precomputed files calls this after painting, so the first upload does not wait for torch and
+    the weights (seconds on a cold server). Errors are left for the page that needs the model to report."""
+    key = run_key(run)
+    with _warming_lock:
+        if key in _warming:
+            return
+        _warming.add(key)
+
+    def load() -> None:
+        try:
+            _captioner(*key)
+        except Exception:  # a broken checkpoint: the upload's own call shows the message
+            pass
+
+    threading.Thread(target=load, name="job-warm-captioner", daemon=True).start()  # tests wait for "job-" threads
+
+
 @st.cache_resource
 def inference_lock() -> threading.Lock:
     """One live model call at a time across sessions: on 2 cores concurrent calls add no speed (torch already

@@ -17,15 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ris_core.dataset_sources import kaggle_layout
 from ris_core.errors import DataError, RunError
 from ris_core.files import write_json_atomic
+from ris_core.kaggle_layout import COLUMNS
 from ris_core.schema import IDS, problems
 
-COLUMNS = [
-    "id", "gender", "masterCategory", "subCategory", "articleType",
-    "baseColour", "season", "year", "usage", "productDisplayName",
-]
-ATTRIBUTE_COLUMNS = COLUMNS[1:9]
 MISSING_NAMES = {"", "NA", "N/A", "NAN", "NULL", "NONE"}  # the original writes "NA" for 7 missing names
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 
@@ -147,8 +144,6 @@ def load_catalog(data_dir: str | Path, require_images: bool = True, columns=None
     """
     data_dir = Path(data_dir)
     if _other_source(data_dir):
-        from ris_core.dataset_sources import kaggle_layout
-
         data_dir = kaggle_layout(str(data_dir), columns)
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist: pass a folder with styles.csv and images/")

@@ -25,11 +25,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ris_core.data import COLUMNS
 from ris_core.errors import DataError
 from ris_core.files import digest
+from ris_core.kaggle_layout import COLUMNS
 
 logger = logging.getLogger(__name__)
 CACHE_DIR = Path(".cache") / "datasets"
@@ -76,6 +77,20 @@ def kaggle_layout(source: str | Path, columns: SourceColumns | None = None, cach
         return out
     _write_kaggle_layout(dataset, columns, out, source=str(source))
     return out
+
+
+def to_dataset(catalog):  # a ris_core.data.Catalog (not imported: data imports this module)
+    """A catalog (any source `load_catalog` reads) as a `datasets.Dataset`: id, the Kaggle columns and the image
+    bytes in an `Image` column, e.g. `.to_parquet(path)` or `.push_to_hub(repo)`; reads back as the same catalog."""
+    import datasets
+
+    rows = catalog.products.reset_index()
+    columns = {c: [None if pd.isna(v) else str(v) for v in rows[c]] for c in COLUMNS if c not in ("id", "year")}
+    images = [{"bytes": catalog.image_path(int(pid)).read_bytes(), "path": None} for pid in rows["id"]]
+    data = datasets.Dataset.from_dict({"id": rows["id"].astype(int).tolist(), **columns,
+                                       "year": [None if pd.isna(v) else int(v) for v in rows["year"]],
+                                       "image": images})
+    return data.cast_column("image", datasets.Image())
 
 
 def open_dataset(source: str):

@@ -715,3 +715,27 @@ def test_visual_index_is_embedded_once_then_read_from_disk(runs_root, tiny_catal
             loaders.knn_index(run, tiny_catalog, ids)
         loaders.build_knn_index(run, tiny_catalog, ids)
         assert list(loaders.knn_index(run, tiny_catalog, ids).ids) == ids and len(calls) == 2
+
+
+def test_the_demo_warms_the_captioner_once_in_the_background(runs_root, monkeypatch):
+    """After answering from precomputed files the demo loads the model in a thread, so an upload need not."""
+    import threading
+
+    import ris_core.captioner as captioner_module
+    from ris_app import loaders
+    from ris_core.runs import Run
+
+    loaders._captioner.clear()
+    loaders._warming.clear()
+    calls: list[str] = []
+    real = captioner_module.load_any_captioner
+    monkeypatch.setattr(captioner_module, "load_any_captioner",
+                        lambda path, *args, **kwargs: calls.append(str(path)) or real(path, *args, **kwargs))
+    run = Run(runs_root / "evaluated")
+    loaders.warm_captioner(run)
+    loaders.warm_captioner(run)  # once per process and run
+    for thread in threading.enumerate():
+        if thread.name == "job-warm-captioner":
+            thread.join(timeout=120)
+    assert len(calls) == 1
+    assert loaders.captioner(run) is loaders.captioner(run) and len(calls) == 1  # the page's call finds it loaded

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ris_core.data import COLUMNS, load_catalog
-from ris_core.dataset_sources import SourceColumns, kaggle_layout
+from ris_core.data import load_catalog
+from ris_core.dataset_sources import SourceColumns, kaggle_layout, to_dataset
 from ris_core.errors import DataError
 from tests.conftest import tiny_train_args
 
@@ -27,13 +27,11 @@ def kaggle_rows(catalog_dir: Path) -> pd.DataFrame:
 def write_parquet(catalog_dir: Path, dest: Path, rename: dict[str, str] | None = None,
                   broken: set[int] = frozenset()) -> Path:
     """The catalog as a parquet with the image bytes inside (as the Hub copies of this dataset are)."""
-    rows = kaggle_rows(catalog_dir)
-    images = [{"bytes": b"not an image" if pid in broken else (catalog_dir / "images" / f"{pid}.jpg").read_bytes(),
-               "path": None} for pid in rows["id"]]
-    table = {c: rows[c].astype(str).where(rows[c].notna(), None).tolist() for c in COLUMNS if c != "id"}
-    data = datasets.Dataset.from_dict({"id": rows["id"].tolist(), **table, "image": images})
-    data = data.cast_column("image", datasets.Image()).rename_columns(rename or {})
-    data.to_parquet(str(dest))
+    data = to_dataset(load_catalog(catalog_dir))
+    if broken:
+        data = data.cast_column("image", datasets.Image(decode=False)).map(
+            lambda row: {"image": {"bytes": b"not an image", "path": None}} if row["id"] in broken else {})
+    data.rename_columns(rename or {}).to_parquet(str(dest))
     return dest
 
 
@@ -154,6 +152,12 @@ def test_train_evaluate_and_the_dashboard_on_each_copy(sources, tiny_catalog: Pa
     assert on_parquet["id"].tolist() == on_folder["id"].tolist() == json.loads((run / "split.json").read_text())[
         "val_ids"]
     assert (on_parquet["reference"] == on_folder["reference"]).all()
+
+    folder_run = train_main(tiny_train_args(sources["imagefolder"], tmp_path / "runs", tmp_path / "cache",
+                                            name="imagefolder", epochs=1))
+    assert json.loads((folder_run / "split.json").read_text()) == json.loads((run / "split.json").read_text())
+    evaluate_main(["--run", str(folder_run), "--quiet", "--n_boot", "20", "--refine_queries", "4"])
+    assert pd.read_csv(folder_run / "eval" / "captions.csv")["id"].tolist() == on_parquet["id"].tolist()
 
     monkeypatch.setenv("RIS_RUNS_DIRS", str(tmp_path / "runs"))
     for source in sources.values():
