@@ -124,6 +124,22 @@ class Run:
         return Split.load(path)
 
 
+def borrowed_split(run_dir: Path) -> tuple[Split, dict]:
+    """Another run's split and its run.json ({} when unreadable): the held-out products an imported model is
+    evaluated on. RunError saying what to pass when the split is missing."""
+    split_path = Path(run_dir) / "split.json"
+    try:
+        split = Split.load(split_path)
+    except (OSError, ValueError, TypeError) as err:
+        raise RunError(f"{split_path} is missing or unreadable ({type(err).__name__}): pass --split_from with a "
+                       "run folder holding split.json (e.g. results/runs/reference-cpu)") from err
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        info = {}
+    return split, info if isinstance(info, dict) else {}
+
+
 def read_history(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():

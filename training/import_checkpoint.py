@@ -33,7 +33,7 @@ from ris_core.data import Split
 from ris_core.encoder_decoder import Captioner
 from ris_core.errors import CheckpointError, HubUnavailable
 from ris_core.files import digest, file_sha256, write_csv_atomic, write_json_atomic
-from ris_core.runs import HISTORY_COLUMNS, RESULTS_DIR, RunError, git_commit
+from ris_core.runs import HISTORY_COLUMNS, RESULTS_DIR, RunError, borrowed_split, git_commit
 
 logger = logging.getLogger("training.import_checkpoint")
 KIND = "imported"
@@ -162,16 +162,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 2. It must caption before anything is written: config, weights, image processor and tokenizer all load
     captioner = Captioner.load(folder)
+    split, split_info = borrowed_split(args.split_from)
     split_path = args.split_from / "split.json"
-    try:
-        split = Split.load(split_path)
-    except (OSError, ValueError, TypeError) as err:
-        raise RunError(f"{split_path} is missing or unreadable ({type(err).__name__}): pass --split_from with a "
-                       "run folder holding split.json (e.g. results/runs/reference-cpu)") from err
-    try:
-        split_info = json.loads((args.split_from / "run.json").read_text())
-    except (OSError, ValueError):
-        split_info = {}
 
     # 3. Write into a hidden sibling, move into place when complete
     tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")

@@ -40,7 +40,7 @@ from ris_core.paper_notebook import (
     load_notebook_dir,
     save_notebook_dir,
 )
-from ris_core.runs import HISTORY_COLUMNS, RESULTS_DIR, RunError, git_commit
+from ris_core.runs import HISTORY_COLUMNS, RESULTS_DIR, RunError, borrowed_split, git_commit
 
 logger = logging.getLogger("training.import_paper_checkpoint")
 KIND = "paper-notebook"
@@ -110,16 +110,8 @@ def main(argv: list[str] | None = None) -> Path:
         return out
 
     # 4. The split to evaluate on: the same held-out products as --split_from
+    split, source_info = borrowed_split(args.split_from)
     split_path = args.split_from / "split.json"
-    try:
-        split = Split.load(split_path)
-    except (OSError, ValueError, TypeError) as err:
-        raise RunError(f"{split_path} is missing or unreadable ({type(err).__name__}): pass --split_from with a "
-                       "run folder holding split.json (e.g. results/runs/reference-cpu)") from err
-    try:
-        source_info = json.loads((args.split_from / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        source_info = {}
 
     # 5. Write everything into a hidden sibling folder first; it is moved into place only when complete
     tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")
