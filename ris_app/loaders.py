@@ -155,6 +155,7 @@ def captioner(run: Run) -> ImageCaptioner:
     return _captioner(*run_key(run))
 
 
+WARM_DELAY_SECONDS = 3.0
 _warming: set[Key] = set()
 _warming_lock = threading.Lock()
 
@@ -170,6 +171,7 @@ def warm_captioner(run: Run) -> None:
         _warming.add(key)
 
     def load() -> None:
+        time.sleep(WARM_DELAY_SECONDS)  # importing torch holds the GIL: let the server send the painted page first
         try:
             _captioner(*key)
         except Exception:  # a broken checkpoint: the upload's own call shows the message
