@@ -152,9 +152,14 @@ def upload_on_screen(driver, photo: Path, timeout: float = 120) -> dict:
     """Seconds from choosing a photo in the open search demo until its caption is shown, and until the script run
     has finished (its results, reranked caption and every column on screen: an upper bound on its first results)."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
+    # the page may still be re-rendering after its last answer: wait for the upload field to be there again
+    field = WebDriverWait(driver, 60).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, 'input[type="file"]')))
     start = time.perf_counter()
-    driver.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(photo))
+    field.send_keys(str(photo))
     caption = None
     while time.perf_counter() - start < timeout:
         text = driver.execute_script("return document.body.innerText")
