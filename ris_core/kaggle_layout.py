@@ -4,4 +4,3 @@ COLUMNS = [
     "id", "gender", "masterCategory", "subCategory", "articleType",
     "baseColour", "season", "year", "usage", "productDisplayName",
 ]
-ATTRIBUTE_COLUMNS = COLUMNS[1:9]
