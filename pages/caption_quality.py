@@ -6,11 +6,12 @@ import math
 import streamlit as st
 
 from ris_app import loaders
-from ris_app.charts import bleu_histogram
+from ris_app.charts import bleu_histogram, category_figure, export
 from ris_app.guards import require_run
 from ris_app.sidebar import sidebar
 from ris_app.widgets import image_card, job_progress, md, say, short
 from ris_core.errors import DataError, RisError
+from ris_core.evaluation.categories import GROUPINGS
 from ris_core.rerank import describe as describe_rerank
 from ris_core.runs import Run
 
@@ -21,6 +22,7 @@ METRICS = [  # (key in caption_metrics.json, label, scale to show)
     ("last_word_match", "Last word matches", 100), ("exact_match", "Exact match", 100),
     ("cider_d", "CIDEr-D", 1), ("rouge_l", "ROUGE-L", 100), ("semantic", "Semantic similarity", 100),
 ]
+CATEGORY_METRICS = {"bleu_4": "BLEU-4", "last_two_match": "last two match", "p_at_10": "P@10 (R1)"}
 SUBSET_HELP = ("all: every held-out product. seen: its exact name is also a training product's (recall is enough). "
                "novel: no training product has its name (the caption must be composed).")
 
@@ -50,6 +52,12 @@ def start_evaluation(run: Run, choice) -> None:
         st.error(f"Evaluation cannot start: {say(err)}")
         return
     st.rerun()
+
+
+def show_samples(category: str) -> None:
+    """Filter the samples table below to one article type (a worst-category button)."""
+    st.session_state["quality_article"] = [category]
+    st.session_state["quality_master"] = []
 
 
 def evaluation_job(run: Run) -> str:
@@ -144,7 +152,8 @@ left, right = st.columns(2, gap="medium")
 with left:
     st.markdown("**Sentence BLEU of each held-out product**")
     if "sentence_bleu" in captions:
-        st.plotly_chart(bleu_histogram(captions["sentence_bleu"]), key="quality_hist")
+        st.plotly_chart(bleu_histogram(captions["sentence_bleu"]), key="quality_hist",
+                        config=export(run.name, "sentence-bleu", shown))
     else:
         st.info("captions.csv has no sentence_bleu column; re-run the evaluation.")
 with right:
@@ -169,6 +178,50 @@ for title, rows in (("Best captions", ranked.head(4)), ("Worst captions", ranked
                 f"**BLEU {row.get('sentence_bleu', float('nan')):.0f}** · {short(row['reference'], 30)}",
                 f"→ {short(row['generated'], 36) or '(empty caption)'}",
             ], width=128)
+
+st.subheader("By category")
+st.caption("Corpus BLEU-4 and last-two match of the shown captions per category, and P@10 (R1) of the best caption "
+           "strategy's queries; bars sorted worst first. Small categories are noisy: set the minimum size.")
+group_controls = st.columns([2, 2, 2])
+by = group_controls[0].segmented_control("Group by", list(GROUPINGS), default="articleType", key="quality_by") \
+    or "articleType"
+sort_by = group_controls[1].segmented_control("Sort by", list(CATEGORY_METRICS), default="bleu_4",
+                                              key="quality_sort_by", format_func=CATEGORY_METRICS.get) or "bleu_4"
+min_size = group_controls[2].slider("At least this many products", 1, 100, 20, key="quality_min_size")
+column = "reranked" if shown == "reranked" else "generated"
+try:
+    categories = loaders.categories(run, by, column)
+except KeyError as err:
+    categories = None
+    st.info(f"{md(err)}")
+if categories is not None:
+    big = categories[categories["products"] >= min_size]
+    if sort_by not in big:
+        st.caption("No P@10 per category: this evaluation has no per-query retrieval rows.")
+        sort_by = "bleu_4"
+    big = big.sort_values(sort_by, ascending=True)
+    left, right = st.columns([3, 2])
+    left.plotly_chart(category_figure(big, sort_by, CATEGORY_METRICS[sort_by], by), key="quality_category_chart",
+                      config=export(run.name, "by", by, sort_by, column))
+    with right:
+        worst = big.head(3)["category"].tolist()
+        if by == "articleType" and worst:
+            st.markdown("**The worst, one click from their examples**")
+            for category in worst:
+                st.button(f"Show {category} samples", key=f"quality_worst_{category}", on_click=show_samples,
+                          args=(category,), icon=":material/arrow_downward:")
+        st.download_button("Download per-category table (CSV)", categories.to_csv(index=False).encode(),
+                           file_name=f"{run.name}-by-{by}-{column}.csv", mime="text/csv",
+                           key="quality_category_download", icon=":material/download:")
+    if by == "articleType":
+        confusions = loaders.article_confusions(run, choice.data_dir, column)
+        if confusions is not None and not confusions.empty:
+            st.markdown("**Which article the caption names instead** (its last word, read as the article type "
+                        "most catalog names ending in that word have)")
+            st.dataframe(confusions, hide_index=True, key="quality_confusions", column_config={
+                "true": st.column_config.TextColumn("true articleType"),
+                "named": st.column_config.TextColumn("the caption names"),
+                "share of true type": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1)})
 
 st.subheader("Samples")
 filters = st.columns([2, 3, 2])

@@ -8,8 +8,9 @@ import pandas as pd
 import streamlit as st
 
 from ris_app import loaders
-from ris_app.charts import METRIC_LABELS, strategy_figure
+from ris_app.charts import METRIC_LABELS, export, precision_curve_figure, strategy_figure
 from ris_app.guards import require_run
+from ris_app.share import Param, flag, link, publish, restore
 from ris_app.sidebar import sidebar
 from ris_app.widgets import md, refine_controls, refined_grid, result_grid, say, show_image
 from ris_core.errors import CheckpointError, DataError, ImageError, RunError
@@ -25,6 +26,17 @@ st.title("Query strategies")
 st.caption("A caption becomes a text query (the paper sends its last two words); the catalog of the run's "
            "training products answers. A result is relevant when it shares the query product's attributes.")
 run = require_run(choice)
+SHARED = [Param("strategies_names", "strategies", many=True), Param("strategies_level", "level"),
+          Param("strategies_product", "product", parse=int), Param("strategies_subset", "products"),
+          Param("strategies_refine", "refine", parse=flag)]
+restore("query_strategies", SHARED)
+if "strategies_names" not in st.session_state:
+    st.session_state["strategies_names"] = DEFAULT_STRATEGIES
+st.session_state["strategies_names"] = [n for n in st.session_state["strategies_names"] if n in STRATEGIES][:3]
+if st.session_state.get("strategies_level") not in RELEVANCE_LEVELS:
+    st.session_state.pop("strategies_level", None)
+if st.session_state.get("strategies_subset") not in ("all", "seen", "novel"):
+    st.session_state["strategies_subset"] = "all"
 
 evaluation = loaders.evaluation(run)
 for problem in evaluation.problems:
@@ -32,7 +44,7 @@ for problem in evaluation.problems:
 picker_box = st.container()  # filled by one_product(): the product picker sits above the card and controls
 card, panel = st.columns([3, 2], gap="medium")
 with panel:
-    names = st.multiselect("Strategies", list(STRATEGIES), default=DEFAULT_STRATEGIES, key="strategies_names",
+    names = st.multiselect("Strategies", list(STRATEGIES), key="strategies_names",
                            max_selections=3, help=HELP_STRATEGIES)
     level = st.radio("Relevant means", list(RELEVANCE_LEVELS), key="strategies_level", horizontal=True,
                      help="\n\n".join(f"**{name}**: {text}" for name, text in RELEVANCE_DESCRIPTIONS.items()))
@@ -139,6 +151,7 @@ def query_features(image_path, caption: str):
 
 
 one_product()
+link(publish(SHARED, {"run": run.name}), "query_strategies")
 
 # ---------------------------------------------------------------- all held-out products
 
@@ -152,7 +165,7 @@ if not summary or not summary.get("rows"):
 
 has_subsets = any(isinstance(r, dict) and "subset" in r for r in summary["rows"])
 products_shown = st.segmented_control(
-    "Products", ["all", "seen", "novel"], default="all", key="strategies_subset", disabled=not has_subsets,
+    "Products", ["all", "seen", "novel"], key="strategies_subset", disabled=not has_subsets,
     help="seen: the held-out product's exact name is also a training product's; novel: it is not "
          "(re-run an older evaluation to get the breakdown)") or "all"
 rows = pd.DataFrame([r for r in summary["rows"] if isinstance(r, dict) and r.get("level") == level
@@ -168,7 +181,40 @@ st.caption(f"{n_queries} queries against {size if size is None else f'{size:,}'}
            "an upper bound); grey: visual baselines (image kNN on the captioner encoder's features, and a "
            "contrastive image-text model trained on the training names: image-to-image and image-to-name); "
            "red: hybrids (a caption strategy's text results fused with a visual baseline's neighbours).")
-st.plotly_chart(strategy_figure(rows, METRICS), key="strategies_chart", config={"displayModeBar": False})
+st.plotly_chart(strategy_figure(rows, METRICS), key="strategies_chart",
+                config=export(run.name, "strategies", level, products_shown))
+
+st.markdown("**Precision at every cut-off**")
+curve_options = rows["strategy"].tolist()
+best_first = rows.sort_values("p_at_10", ascending=False)["strategy"].tolist()
+curve_default = list(dict.fromkeys([s for s in ("last_two_words", "full_caption") if s in curve_options]
+                                   + best_first[:3]))
+curve_strategies = st.multiselect("Strategies on the curve", curve_options, default=curve_default,
+                                  key="strategies_curves", placeholder="Choose strategies")
+evaluated = loaders.evaluation(run)
+if not curve_strategies:
+    st.caption("Choose strategies above to see their P@k curves.")
+elif evaluated.retrieval is None or "hits" not in evaluated.retrieval:
+    st.info("retrieval.csv has no per-query results (hits); re-run the evaluation to see P@k curves.")
+else:
+    curves = loaders.precision_curves(run, choice.data_dir, level, products_shown, tuple(curve_strategies))
+    left, right = st.columns([3, 2])
+    left.plotly_chart(precision_curve_figure(curves), key="strategies_pk_chart",
+                      config=export(run.name, "precision-at-k", level, products_shown))
+    beside = rows[rows["strategy"].isin(curve_strategies)][["strategy", "mrr", "mrr_ci", "ndcg_at_10",
+                                                             "ndcg_at_10_ci"]]
+    right.dataframe(pd.DataFrame({
+        "strategy": beside["strategy"], "MRR": beside["mrr"],
+        "MRR 95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in beside["mrr_ci"]],
+        "nDCG@10": beside["ndcg_at_10"],
+        "nDCG 95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in beside["ndcg_at_10_ci"]]}),
+        hide_index=True, key="strategies_rank_table",
+        column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("MRR", "nDCG@10")})
+    right.caption(f"Bands: 95% bootstrap intervals over the same queries, at {level}. The curve at k = 1, 5, 10 is "
+                  "the table's P@1, P@5, P@10, recomputed from each query's stored top 10.")
+    right.download_button("Download the curves (CSV)", curves.to_csv(index=False).encode(), icon=":material/download:",
+                          file_name=f"{run.name}-precision-at-k-{level}-{products_shown}.csv", mime="text/csv",
+                          key="strategies_pk_download")
 
 table = rows[["strategy", "source", "n", *METRICS, "zero_hit"]].rename(columns=METRIC_LABELS)
 st.dataframe(table, hide_index=True, key="strategies_table",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -21,6 +22,14 @@ SOURCE_STYLE = {  # how each kind of retrieval row looks: captions solid, upper 
 }
 
 
+def export(*parts: object, image_format: str = "png") -> dict:
+    """st.plotly_chart's config: the camera button saves the chart as `<run>-<view>.png` (or svg), 2x scale."""
+    name = "-".join(str(p) for p in parts if p not in (None, ""))
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "chart"
+    return {"toImageButtonOptions": {"format": image_format, "filename": safe, "scale": 2},
+            "displaylogo": False}
+
+
 @dataclass
 class Curve:
     label: str
@@ -35,27 +44,55 @@ def _layout(fig: go.Figure, height: int, legend_below: bool = True) -> go.Figure
     return fig
 
 
-def curves_figure(curves: list[Curve], quantity: str, log_y: bool = False, height: int = 420) -> go.Figure:
+def smooth(values: pd.Series, weight: float) -> pd.Series:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the first points are not pulled to 0.
+    NaNs are skipped (kept NaN); weight 0 returns the values unchanged."""
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    out, last, steps = [], 0.0, 0
+    for value in values.astype(float):
+        if pd.isna(value):
+            out.append(float("nan"))
+            continue
+        steps += 1
+        last = last * weight + (1 - weight) * value
+        out.append(last / (1 - weight**steps))
+    return pd.Series(out, index=values.index)
+
+
+def curves_figure(curves: list[Curve], quantity: str, log_y: bool = False, height: int = 420,
+                  smoothing: float = 0.0) -> go.Figure:
     """Train and validation `quantity` ("loss" or "perplexity") per epoch; best epoch (min val loss) starred.
 
-    Own runs: validation solid, training dotted. Reported runs: dashed / dash-dot, labelled "reported".
+    Validation: thick lines, filled markers; training: thin lines, open markers. Runs measured here are solid,
+    reported runs (numbers from a paper) dashed with diamonds. With smoothing, the raw points stay faint behind.
     """
     fig = go.Figure()
     for i, curve in enumerate(curves):
         color = PALETTE[i % len(PALETTE)]
         frame = curve.history.sort_values("epoch")
         name = f"{curve.label} (reported)" if curve.reported else curve.label
-        dashes = (("val", "dash"), ("train", "dashdot")) if curve.reported else (("val", "solid"), ("train", "dot"))
-        for split, dash in dashes:
+        for split in ("val", "train"):
             column = f"{split}_{quantity}"
             if column not in frame or frame[column].notna().sum() == 0:
                 continue
             points = frame[["epoch", column]].dropna()
+            symbol = "diamond" if curve.reported else "circle"
+            style = {"line": {"color": color, "dash": "dash" if curve.reported else "solid",
+                              "width": 2.5 if split == "val" else 1.2},
+                     "marker": {"size": 7 if split == "val" else 6,
+                                "symbol": symbol if split == "val" else f"{symbol}-open"}}
+            y = points[column] if smoothing == 0 else smooth(points[column], smoothing)
+            if smoothing:
+                fig.add_trace(go.Scatter(x=points["epoch"].tolist(), y=points[column].tolist(), mode="markers",
+                                         opacity=0.3, marker=style["marker"] | {"color": color}, showlegend=False,
+                                         legendgroup=curve.label, hoverinfo="skip", name=f"{name} · {split} raw"))
             fig.add_trace(go.Scatter(
-                x=points["epoch"], y=points[column], mode="lines+markers", name=f"{name} · {split}",
-                line={"color": color, "dash": dash, "width": 2.5 if split == "val" else 1.5},
-                marker={"size": 7 if split == "val" else 5},
-                hovertemplate=f"<b>{name}</b><br>{split} {quantity}: %{{y:.4g}}<br>epoch %{{x}}<extra></extra>",
+                x=points["epoch"].tolist(), y=y.tolist(), mode="lines+markers", name=f"{name} · {split}",
+                legendgroup=curve.label, **style,
+                opacity=1.0 if split == "val" else 0.75,
+                hovertemplate=f"<b>{name}</b><br>{split} {quantity}{' (smoothed)' if smoothing else ''}: "
+                              "%{y:.4g}<br>epoch %{x}<extra></extra>",
             ))
         best = best_epoch(frame)
         column = f"val_{quantity}"
@@ -65,7 +102,7 @@ def curves_figure(curves: list[Curve], quantity: str, log_y: bool = False, heigh
                 fig.add_trace(go.Scatter(
                     x=[best], y=[row[column]], mode="markers+text", text=["best"], textposition="top center",
                     marker={"symbol": "star", "size": 15, "color": color, "line": {"width": 1, "color": "black"}},
-                    name=f"{name} · best epoch", showlegend=False,
+                    name=f"{name} · best epoch", showlegend=False, legendgroup=curve.label,
                     hovertemplate=f"<b>{name}</b><br>best epoch %{{x}} (lowest val loss)<br>val {quantity}: "
                                   "%{y:.4g}<extra></extra>",
                 ))
@@ -132,3 +169,40 @@ def strategy_figure(rows: pd.DataFrame, metrics: list[str], height: int = 380) -
 
 def _source_rank(source: str) -> int:
     return {"caption": 0, "reranked": 1, "hybrid": 2, "refine": 3, "visual": 4, "oracle": 5}.get(source, 6)
+
+
+def precision_curve_figure(curves: pd.DataFrame, height: int = 380) -> go.Figure:
+    """P@k against k per strategy (rows of `ris_core.evaluation.precision_curves`), each with its 95% band."""
+    fig = go.Figure()
+    for i, (strategy, group) in enumerate(curves.groupby("strategy", sort=False)):
+        color = PALETTE[i % len(PALETTE)]
+        group = group.sort_values("k")
+        fig.add_trace(go.Scatter(  # the band: high forwards, low backwards, filled
+            x=[*group["k"].tolist(), *group["k"].tolist()[::-1]],
+            y=[*group["high"].tolist(), *group["low"].tolist()[::-1]], fill="toself",
+            fillcolor=color, opacity=0.18, line={"width": 0}, hoverinfo="skip", showlegend=False,
+            legendgroup=strategy, name=f"{strategy} 95% band"))
+        fig.add_trace(go.Scatter(
+            x=group["k"].tolist(), y=group["precision"].tolist(), mode="lines+markers", name=strategy,
+            legendgroup=strategy,
+            line={"color": color, "width": 2}, marker={"size": 5},
+            customdata=group[["low", "high"]].to_numpy().tolist(),
+            hovertemplate=f"<b>{strategy}</b><br>P@%{{x}} %{{y:.3f}}<br>95% CI [%{{customdata[0]:.3f}}, "
+                          "%{customdata[1]:.3f}]<extra></extra>"))
+    fig.update_xaxes(title="k (results judged)", dtick=1)
+    fig.update_yaxes(title="precision at k", tickformat=".2f")
+    return _layout(fig, height)
+
+
+def category_figure(table: pd.DataFrame, metric: str, label: str, by: str, height: int = 420) -> go.Figure:
+    """One horizontal bar per category (`ris_core.evaluation.categories.per_category` rows), counts at the bars."""
+    percent = metric != "bleu_4"
+    fig = go.Figure(go.Bar(
+        y=table["category"].tolist(), x=table[metric].tolist(), orientation="h", marker={"color": PALETTE[0]},
+        text=[f"n={n}" for n in table["products"]], textposition="outside", cliponaxis=False,
+        customdata=table["products"].tolist(),
+        hovertemplate=f"<b>%{{y}}</b><br>{label} %{{x:{'.1%' if percent else '.1f'}}}<br>%{{customdata}} products"
+                      "<extra></extra>"))
+    fig.update_xaxes(title=label, tickformat=".0%" if percent else None)
+    fig.update_yaxes(title=by, categoryorder="array", categoryarray=table["category"].tolist())
+    return _layout(fig, max(height, 60 + 22 * len(table)))

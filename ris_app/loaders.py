@@ -22,7 +22,7 @@ import streamlit as st
 
 from ris_app.history_io import flag_implausible
 from ris_core.data import Catalog, load_catalog
-from ris_core.errors import ImageError, RunError
+from ris_core.errors import DataError, ImageError, RunError
 from ris_core.evaluation import files as eval_files
 from ris_core.evaluation.files import Evaluation, read_evaluation, read_summaries
 from ris_core.files import digest
@@ -124,6 +124,58 @@ def evaluation(run: Run) -> Evaluation:
 def summaries(run: Run) -> tuple[dict | None, dict | None, list[str]]:
     """(caption_metrics.json, retrieval.json, problems) of a run's evaluation, without its large tables."""
     return _summaries(*eval_key(run, eval_files.SUMMARIES))
+
+
+@st.cache_data(show_spinner="Computing precision at every k…", max_entries=16)
+def _precision_curves(eval_dir: str, version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
+                      level: str, subset: str, strategies: tuple[str, ...]) -> pd.DataFrame:
+    from ris_core.evaluation.precision_curves import precision_curves
+
+    retrieval = read_evaluation(Path(eval_dir)).retrieval
+    if subset != "all" and "seen" in retrieval:
+        retrieval = retrieval[retrieval["seen"].astype(str).str.lower().eq(str(subset == "seen").lower())]
+    return precision_curves(retrieval, _catalog(data_dir, data_version).products, level,
+                            strategies=list(strategies))
+
+
+def precision_curves(run: Run, data_dir: Path, level: str, subset: str, strategies: tuple[str, ...]) -> pd.DataFrame:
+    """P@k for k = 1..10 with 95% bands of the chosen strategies (`ris_core.evaluation.precision_curves`)."""
+    return _precision_curves(*eval_key(run), *data_key(data_dir), level, subset, strategies)
+
+
+@st.cache_data(show_spinner="Scoring each category…", max_entries=16)
+def _categories(eval_dir: str, version: tuple[int, ...], by: str, column: str) -> pd.DataFrame:
+    from ris_core.evaluation.categories import per_category
+
+    evaluation = read_evaluation(Path(eval_dir))
+    retrieval, strategy = evaluation.retrieval, None
+    if retrieval is not None and "R1_p_at_10" in retrieval:
+        captions_only = retrieval[retrieval["source"] == "caption"]
+        strategy = captions_only.groupby("strategy")["R1_p_at_10"].mean().idxmax() if len(captions_only) else None
+    return per_category(evaluation.captions, by, column, retrieval, strategy)
+
+
+def categories(run: Run, by: str, column: str) -> pd.DataFrame:
+    """Per-category BLEU-4, last-two match and the best caption strategy's P@10 (KeyError: no such column)."""
+    return _categories(*eval_key(run), by, column)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _article_confusions(eval_dir: str, version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
+                        column: str) -> pd.DataFrame:
+    from ris_core.evaluation.categories import article_confusions, article_words
+
+    products = _catalog(data_dir, data_version).products
+    return article_confusions(read_evaluation(Path(eval_dir)).captions,
+                              article_words(products["productDisplayName"], products["articleType"]), column)
+
+
+def article_confusions(run: Run, data_dir: Path, column: str) -> pd.DataFrame | None:
+    """The most frequent wrong articles the captions name; None when the data folder cannot be read."""
+    try:
+        return _article_confusions(*eval_key(run), *data_key(data_dir), column)
+    except (DataError, KeyError):
+        return None
 
 
 def held_out_ids(run: Run, products: pd.DataFrame) -> list[int]:
@@ -399,8 +451,8 @@ def decode_upload(data: bytes) -> Image.Image:
 
 
 __all__ = [
-    "caption_cache", "caption_product", "captioner", "catalog", "catalog_index", "data_key", "decode_upload",
-    "duckduckgo", "evaluation", "held_out_ids", "history", "knn_index", "model_stamp", "photo_caption",
-    "photo_rerank", "query_features", "refine_results", "run_key", "stamp", "summaries", "thumb", "thumb_uri",
-    "training_ids", "web_images",
+    "article_confusions", "caption_cache", "caption_product", "captioner", "catalog", "catalog_index", "categories",
+    "data_key", "decode_upload", "duckduckgo", "evaluation", "held_out_ids", "history", "knn_index", "model_stamp",
+    "photo_caption", "photo_rerank", "precision_curves", "query_features", "refine_results", "run_key", "stamp",
+    "summaries", "thumb", "thumb_uri", "training_ids", "web_images",
 ]

@@ -24,6 +24,8 @@ PAGES = [
              "loss and perplexity per epoch, several runs and the paper's figure overlaid"),
     PageSpec("pages/caption_quality.py", "Caption quality", ":material/subtitles:",
              "BLEU and matches on the held-out products, every caption beside its reference"),
+    PageSpec("pages/compare_captions.py", "Compare captions", ":material/difference:",
+             "several runs' captions per product, words marked against the name; a link reopens the view"),
     PageSpec("pages/query_strategies.py", "Query strategies", ":material/manage_search:",
              "one product's queries and results side by side; P@k, MRR and nDCG with intervals"),
     PageSpec("pages/search_demo.py", "Search demo", ":material/image_search:",

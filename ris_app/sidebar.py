@@ -189,6 +189,11 @@ def sidebar(multi: bool = False) -> Selection:
             match = next((p for p, r in by_path.items() if wanted in (r.name, p)), None)
             if match:
                 st.session_state["_keep_sidebar_run"] = match
+        several = st.query_params.get_all("runs")  # /compare_captions?runs=a&runs=b
+        if multi and several and "_keep_sidebar_runs" not in st.session_state:
+            matches = [p for w in several for p, r in by_path.items() if w in (r.name, p)]
+            if matches:
+                st.session_state["_keep_sidebar_runs"] = list(dict.fromkeys(matches))
         with run_box:
             if not available:
                 st.warning("No runs found in this server's run folders. Train one (`make reference`)"

@@ -85,7 +85,7 @@ def result_grid(results: list, products: pd.DataFrame | None = None, query_attrs
 
 def refine_controls(toggle_key: str, threshold_key: str) -> tuple[bool, float | None]:
     """The refinement toggle (off by default) and, when on, its threshold slider: (on, threshold or None)."""
-    on = st.toggle(REFINE_LABEL, value=False, key=toggle_key, help=REFINE_HELP)
+    on = st.toggle(REFINE_LABEL, key=toggle_key, help=REFINE_HELP)  # off unless a shared link turns it on
     if not on:
         return False, None
     cut = st.slider("Drop results with agreement below", 0.0, 1.0, 0.0, 0.05, key=threshold_key,

@@ -57,6 +57,7 @@ class ModelSpec:
     n_positions: int = 64
     dropout: float = 0.1
     source_max_side: int | None = 80  # shrink inputs to the training images' resolution first
+    backbone_precision: str = "bf16"  # mobilenet_v2: the frozen maps' precision (fp32 where bf16 is slow)
 
 
 def image_processor(spec: ModelSpec) -> ViTImageProcessorPil:
@@ -79,7 +80,8 @@ def _from_hub(loader, model_id: str, **kwargs):
 def _encoder(spec: ModelSpec, hidden: int):
     if spec.encoder == "mobilenet_v2":
         encoder = MobileNetTokenEncoder(
-            MobileNetTokenEncoderConfig(hidden_size=hidden, image_size=spec.image_size, multi_scale=spec.multi_scale)
+            MobileNetTokenEncoderConfig(hidden_size=hidden, image_size=spec.image_size, multi_scale=spec.multi_scale,
+                                        backbone_precision=spec.backbone_precision)
         )
         encoder.load_imagenet_backbone()
         encoder.freeze_backbone()

@@ -186,3 +186,12 @@ def discover_runs(*roots: Path, max_depth: int = 4, max_folders: int = 2_000) ->
             dirs[:] = [] if depth >= max_depth or visited >= max_folders else sorted(
                 d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS)
     return sorted(found.values(), key=lambda r: r.name)
+
+
+def differing_arguments(arguments: dict[str, dict]) -> pd.DataFrame:
+    """Runs (rows) by the training arguments whose values differ between them (columns); an argument a run
+    did not record shows as empty. Values are compared as text, so 0.1 and "0.1" count as the same."""
+    names = sorted(set().union(*arguments.values())) if arguments else []
+    table = pd.DataFrame({run: {n: args.get(n) for n in names} for run, args in arguments.items()}).T
+    keep = [n for n in names if table[n].map(lambda v: "" if v is None else str(v)).nunique() > 1]
+    return table[keep].map(lambda v: "" if v is None else str(v))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,15 @@ def test_quick_bench_writes_every_figure(tmp_path):
             assert browser[f"{page}_first_visit"]["js_files"] > 10  # Resource Timing was read from the page
         assert browser["training_curves_first_visit"]["chart_seconds"] > 0
     assert "benchmark  figure" in done.stdout  # the printed table
+
+
+def test_resolution_probe_compares_the_same_held_out_products_at_two_sizes(tiny_run: Path, tiny_catalog: Path,
+                                                                          tmp_path: Path):
+    from bench.probe_resolution import probe
+
+    same = probe(tiny_run, tiny_catalog, tiny_catalog)  # the same photos twice: identical by construction
+    assert same["products"] == 32 and same["identical"] == 1.0 and same["small"] == same["larger"]
+    assert 0 <= same["small"]["last_two_match"] <= 1
+    (tmp_path / "elsewhere" / "images").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="none of the 32 held-out products"):
+        probe(tiny_run, tiny_catalog, tmp_path / "elsewhere")

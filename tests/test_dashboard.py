@@ -107,6 +107,11 @@ def texts(at: AppTest) -> str:
     return "\n".join(str(p) for p in parts)
 
 
+def queries(at: AppTest) -> list:
+    """The code boxes that show queries (not the page's shareable link)."""
+    return [c for c in at.code if "?" not in c.value or not c.value.startswith(("/", "http"))]
+
+
 def assert_clean(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
@@ -187,6 +192,8 @@ def test_training_curves_overlay_runs_with_reported_dashed(runs_root):
     assert len(charts) == 2
     spec = charts[0].proto.spec
     assert "paper-2024 (reported)" in spec and '"dash":"dash"' in spec.replace(" ", "")
+    saved_as = json.loads(charts[0].proto.config)["toImageButtonOptions"]  # the camera button's file name
+    assert saved_as["filename"] == "evaluated-paper-2024-loss" and saved_as["format"] == "png"
     assert "best epoch" in spec
     assert len(at.dataframe) == 2 and at.download_button
     history = at.dataframe[1].value
@@ -195,6 +202,14 @@ def test_training_curves_overlay_runs_with_reported_dashed(runs_root):
     at.toggle(key="curves_log").set_value(True).run()
     assert_clean(at)
     assert '"type":"log"' in at.get("plotly_chart")[0].proto.spec.replace(" ", "")
+    raw = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    at.slider(key="curves_smoothing").set_value(0.6).run()
+    assert_clean(at)
+    smoothed = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    line = next(t for t in smoothed if t["name"] == "evaluated · val" and t["mode"] == "lines+markers")
+    before = next(t for t in raw if t["name"] == "evaluated · val")
+    assert line["y"][0] == pytest.approx(before["y"][0]) and line["y"][1] != pytest.approx(before["y"][1])
+    assert any(t["name"] == "evaluated · val raw" and t["y"] == before["y"] for t in smoothed)  # raw kept, faint
 
     at.sidebar.multiselect(key="sidebar_runs").set_value([str((runs_root / "fresh").resolve())]).run()
     assert_clean(at)
@@ -208,6 +223,7 @@ def test_training_curves_show_each_runs_status_and_note(runs_root, tmp_path, mon
     shutil.copy(runs_root / "fresh" / "history.csv", ablation / "history.csv")
     info = json.loads((runs_root / "fresh" / "run.json").read_text())
     (ablation / "run.json").write_text(json.dumps({**info, "name": "ablation", "status": "stopped",
+                                                   "args": {**info["args"], "dropout": 0.25},
                                                    "note": "Dropout 0.25; stopped by hand after epoch 2."}))
     at = app("pages/training_curves.py", runs=[runs_root / "evaluated", ablation])
     assert_clean(at)
@@ -215,6 +231,11 @@ def test_training_curves_show_each_runs_status_and_note(runs_root, tmp_path, mon
     assert summary.loc["ablation", "status"] == "stopped" and summary.loc["evaluated", "status"] == "complete"
     assert any(r"**ablation**: Dropout 0\.25; stopped by hand" in c.value for c in at.caption)  # as text
     assert not any("**evaluated**" in c.value for c in at.caption)  # no note, no line
+    differing = at.dataframe[1].value  # only what differs: the dropout
+    assert list(differing.columns) == ["dropout"] and differing.loc["ablation", "dropout"] == "0.25"
+    history = pd.read_csv(ablation / "history.csv")
+    assert summary.loc["ablation", "last val loss"] == pytest.approx(history.sort_values("epoch")["val_loss"].iloc[-1])
+    assert summary.loc["ablation", "min train loss"] == pytest.approx(history["train_loss"].min())
 
 
 def test_training_curves_open_trainer_state_and_reject_garbage(runs_root):
@@ -291,6 +312,95 @@ def test_caption_quality_metrics_histogram_and_filters(runs_root):
     assert counts["match"] + counts["no match"] == len(filtered)  # the two filters split the article's products
 
 
+def test_compare_captions_marks_words_filters_and_reopens_from_its_link(runs_root):
+    from ris_core.caption_compare import System, compare_table, only
+
+    at = app("pages/compare_captions.py", runs=[runs_root / "evaluated"])
+    assert_clean(at)
+    assert at.multiselect(key="compare_systems").value == ["evaluated · greedy", "evaluated · reranked"]
+    frame = pd.read_csv(runs_root / "evaluated" / "eval" / "captions.csv", keep_default_na=False)
+    systems = [System("evaluated", "greedy"), System("evaluated", "reranked")]
+    table = compare_table({s: frame for s in systems})
+    diff = next(m.value for m in at.markdown if m.value.startswith("| id | name |"))
+    assert ":gray[~~" in diff  # greedy captions are the names' last three words: the first words are missing
+    summary = at.dataframe[0].value
+    assert summary["products"].tolist() == [len(table)] * 2
+
+    at.selectbox(key="compare_filter").set_value("one_right").run()
+    assert_clean(at)
+    expected = only(table, systems, "one_right")
+    assert at.dataframe[0].value["products"].tolist() == [len(expected)] * 2
+    assert len(expected), "the fixture should have products where only one caption ends right"
+    product = str(int(expected["id"].iloc[-1]))
+    at.selectbox(key="compare_product").set_value(product).run()
+    assert_clean(at)
+    assert at.query_params["product"] == product and at.query_params["only"] == "one_right"
+    link = at.code[-1].value
+    assert f"product={product}" in link and "only=one_right" in link
+
+    # a new session opened on that link: the same runs, captions, filter and product
+    shared = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT)
+    for name, values in at.query_params.items():
+        shared.query_params[name] = values
+    shared.run()
+    shared.switch_page("pages/compare_captions.py").run()
+    assert_clean(shared)
+    assert shared.selectbox(key="compare_filter").value == "one_right"
+    assert shared.selectbox(key="compare_product").value == product
+    assert shared.multiselect(key="compare_systems").value == ["evaluated · greedy", "evaluated · reranked"]
+    from ris_app.widgets import md
+
+    name = md(expected.loc[expected["id"] == int(product), "reference"].iloc[0])
+    assert any(m.value.startswith(f"**{name}**") for m in shared.markdown)  # the product's own card
+
+
+def test_compare_captions_of_two_runs_and_of_runs_without_evaluation(runs_root, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "evaluated", root / "evaluated")
+    shutil.copytree(runs_root / "evaluated", root / "other")
+    path = root / "other" / "eval" / "captions.csv"
+    other = pd.read_csv(path, keep_default_na=False)
+    other["generated"] = other["reference"]  # a perfect captioner
+    other.iloc[1:].to_csv(path, index=False)  # ... that skipped one product
+    shutil.copytree(runs_root / "fresh", root / "fresh")
+    monkeypatch.setenv("RIS_RUNS_DIRS", str(root))
+    at = app("pages/compare_captions.py", runs=[root / "evaluated", root / "other", root / "fresh"])
+    assert_clean(at)
+    assert at.multiselect(key="compare_systems").value == ["evaluated · greedy", "other · greedy"]
+    assert "not evaluated yet" in texts(at) and "fresh" in texts(at)
+    summary = at.dataframe[0].value.set_index("captions")
+    assert summary.loc["other · greedy", "last two right"] == 1.0
+    assert summary.loc["other · greedy", "products"] == len(other) - 1  # only products both runs captioned
+    assert "held out by every chosen run" in texts(at)
+    at.multiselect(key="compare_systems").set_value([]).run()
+    assert_clean(at)
+    assert "Pick at least one" in texts(at)
+
+
+def test_caption_quality_by_category_worst_first_and_one_click_to_examples(runs_root):
+    from ris_core.evaluation.categories import per_category
+
+    at = app("pages/caption_quality.py", run=runs_root / "evaluated")
+    at.slider(key="quality_min_size").set_value(1).run()
+    assert_clean(at)
+    captions = pd.read_csv(runs_root / "evaluated" / "eval" / "captions.csv", keep_default_na=False)
+    expected = per_category(captions, "articleType").sort_values("bleu_4")
+    chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                 if json.loads(c.proto.spec)["layout"].get("yaxis", {}).get("title", {}).get("text") == "articleType")
+    bars = chart["data"][0]
+    assert bars["y"] == expected["category"].tolist()  # worst BLEU-4 first
+    assert bars["text"] == [f"n={n}" for n in expected["products"]]
+    worst = expected["category"].iloc[0]
+    at.button(key=f"quality_worst_{worst}").click().run()
+    assert_clean(at)
+    samples = at.dataframe[-1].value
+    assert len(samples) and (samples["articleType"] == worst).all()
+    at.button_group(key="quality_by").set_value("gender").run()
+    assert_clean(at)
+    assert any(json.loads(c.proto.spec)["layout"].get("yaxis", {}).get("title", {}).get("text") == "gender"
+               for c in at.get("plotly_chart"))
+
+
 def test_caption_quality_empty_state_then_evaluate_button(runs_root):
     at = app("pages/caption_quality.py", run=runs_root / "fresh")
     assert_clean(at)
@@ -315,7 +425,7 @@ def test_query_strategies_side_by_side_and_aggregate(runs_root):
     at = app("pages/query_strategies.py", run=runs_root / "evaluated")
     assert_clean(at)
     assert at.multiselect(key="strategies_names").value == ["last_two_words", "full_caption"]
-    assert len(at.code) == 2
+    assert len(queries(at)) == 2
     body = texts(at)
     assert "Generated caption" in body and "relevant**]" in body and "of 10 relevant (R1)" in body
     strategies = at.dataframe[-1].value["strategy"]
@@ -326,7 +436,7 @@ def test_query_strategies_side_by_side_and_aggregate(runs_root):
     at.multiselect(key="strategies_names").set_value(["last_two_words", "full_caption", "drop_brand"]).run()
     at.radio(key="strategies_level").set_value("R2").run()
     assert_clean(at)
-    assert len(at.code) == 3
+    assert len(queries(at)) == 3
     assert "at R2" in texts(at)
     before = at.selectbox(key="strategies_product").value
     for _ in range(5):  # a random pick lands on another product within a few tries
@@ -337,13 +447,60 @@ def test_query_strategies_side_by_side_and_aggregate(runs_root):
     assert at.selectbox(key="strategies_product").value != before
 
 
+def test_query_strategies_precision_curves_end_at_the_tables_p_at_10(runs_root):
+    at = app("pages/query_strategies.py", run=runs_root / "evaluated")
+    assert_clean(at)
+    chosen = at.multiselect(key="strategies_curves").value
+    assert chosen[:2] == ["last_two_words", "full_caption"]
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    curve = next(c for c in charts if c["layout"].get("xaxis", {}).get("title", {}).get("text") == "k (results judged)")
+    lines = {t["name"]: t for t in curve["data"] if t.get("mode") == "lines+markers"}
+    assert set(lines) == set(chosen)
+    summary = json.loads((runs_root / "evaluated" / "eval" / "retrieval.json").read_text())
+    table = {r["strategy"]: r for r in summary["rows"] if r["level"] == "R1" and r.get("subset", "all") == "all"}
+    for name, trace in lines.items():
+        assert trace["x"][-1] == 10 and abs(trace["y"][-1] - table[name]["p_at_10"]) < 1e-9
+        assert abs(trace["y"][0] - table[name]["p_at_1"]) < 1e-9
+    ranks = at.dataframe[-2].value  # beside the curves; the strategies table is last
+    assert set(ranks["strategy"]) == set(chosen) and {"MRR", "nDCG@10", "MRR 95% CI"} <= set(ranks.columns)
+    at.multiselect(key="strategies_curves").set_value([]).run()
+    assert_clean(at)
+    assert "to see their P@k curves" in texts(at)
+
+
+def test_query_strategies_view_lives_in_the_link(runs_root):
+    at = app("pages/query_strategies.py", run=runs_root / "evaluated")
+    options = at.selectbox(key="strategies_product").options
+    product = int(options[-1].split(" · ")[0])
+    shared = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT)
+    shared.query_params.update({"run": "evaluated", "strategies": ["drop_brand", "last_two_words"], "level": "R3",
+                                "product": str(product), "products": "novel", "refine": "true"})
+    shared.run()
+    shared.switch_page("pages/query_strategies.py").run()
+    assert_clean(shared)
+    assert shared.multiselect(key="strategies_names").value == ["drop_brand", "last_two_words"]
+    assert shared.radio(key="strategies_level").value == "R3"
+    assert shared.selectbox(key="strategies_product").value == product
+    assert shared.toggle(key="strategies_refine").value is True
+    assert not shared.warning or all("Session State" not in w.value for w in shared.warning)
+    link = next(c.value for c in shared.code if "?run=" in c.value)
+    assert f"product={product}" in link and "level=R3" in link and "strategies=drop_brand" in link
+    # nonsense in a link is ignored, not an error
+    odd = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT)
+    odd.query_params.update({"strategies": ["<script>", "last_two_words"], "level": "R9", "product": "abc"})
+    odd.run()
+    odd.switch_page("pages/query_strategies.py").run()
+    assert_clean(odd)
+    assert odd.multiselect(key="strategies_names").value == ["last_two_words"]
+
+
 def test_query_strategies_without_evaluation_captions_live(runs_root, tmp_path, monkeypatch):
     run = tmp_path / "runs" / "live"
     monkeypatch.setenv("RIS_RUNS_DIRS", str(tmp_path / "runs"))
     shutil.copytree(runs_root / "evaluated", run, ignore=shutil.ignore_patterns("eval"))
     at = app("pages/query_strategies.py", run=run)
     assert_clean(at)
-    assert "Generated caption" in texts(at) and len(at.code) == 2
+    assert "Generated caption" in texts(at) and len(queries(at)) == 2
     assert "no retrieval evaluation yet" in texts(at)
 
 

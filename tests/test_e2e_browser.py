@@ -27,6 +27,7 @@ PAGES = [  # (link text in the sidebar, url path, text that shows the page has r
     ("Overview", "", "The paper's claim, measured"),
     ("Training curves", "training_curves", "Best epochs"),
     ("Caption quality", "caption_quality", "Samples"),
+    ("Compare captions", "compare_captions", "One product"),
     ("Query strategies", "query_strategies", "All held-out products"),
     ("Search demo", "search_demo", "Caption:"),
 ]
@@ -164,4 +165,32 @@ def test_every_page_renders_and_the_demo_searches_an_upload(server, browser, tin
     text = page_text(browser)
     assert "upload.jpg" in text and "captioned in" in text and "search:" in text
     assert_no_exception(browser, "Search demo after upload")
-    shoot(browser, "6_search_demo_upload")
+    shoot(browser, f"{len(PAGES) + 1}_search_demo_upload")
+
+
+def test_caption_diff_is_coloured_and_its_link_reopens_the_same_product(server, browser, e2e_run):
+    import pandas as pd
+    from selenium.webdriver.common.by import By
+
+    captions = pd.read_csv(e2e_run / "eval" / "captions.csv", keep_default_na=False)
+    product = int(captions["id"].iloc[-1])
+    browser.get(f"{server}/compare_captions?runs={RUN_NAME}&product={product}")
+    settle(browser, "One product", "the caption comparison")
+    assert_no_exception(browser, "Compare captions")
+    table = browser.find_element(By.CSS_SELECTOR, '[data-testid="stMarkdown"] table')
+    coloured = table.find_elements(By.CSS_SELECTOR, "span[class]") + table.find_elements(By.TAG_NAME, "del")
+    assert coloured, "wrong or missing words should be marked with colour, not only text"
+    def chosen_product() -> str:
+        box = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stMain"] [data-testid="stSelectbox"]')[-1]
+        inputs = box.find_elements(By.TAG_NAME, "input")
+        return " ".join([box.get_attribute("textContent") or "", *(i.get_attribute("value") or "" for i in inputs)])
+
+    assert str(product) in chosen_product()
+    link = next(c.text for c in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCode"]') if "?" in c.text)
+    assert f"product={product}" in link and link.startswith("http")
+    shoot(browser, "compare_captions_link")
+    browser.get("about:blank")
+    browser.get(link)  # a colleague opens the shared link
+    settle(browser, "One product", "the shared link")
+    assert str(product) in chosen_product()
+    assert RUN_NAME in sidebar_run(browser)

@@ -242,6 +242,55 @@ def test_missing_data_folder_is_one_clear_line(tmp_path: Path):
 
 
 
+def test_larger_photos_replace_a_share_of_the_rows_that_have_one_and_no_other_row():
+    from training.data import CaptionDataset, LargerPhotos
+
+    n = 400
+    mid, final = torch.zeros(n, 2, 3, 4), torch.zeros(n, 5, 2, 2)
+    mid_m, final_m = torch.full((n, 2, 3, 4), 2.0), torch.full((n, 5, 2, 2), 2.0)
+    # rows 0..199 have a larger photo (row i -> larger row i); the larger maps hold their row number + 10
+    big_mid = torch.arange(200.0).view(200, 1, 1, 1).expand(200, 2, 3, 4) + 10
+    big_final = torch.arange(200.0).view(200, 1, 1, 1).expand(200, 5, 2, 2) + 10
+    big_mirrored = (-big_mid, -big_final)
+    row = torch.tensor([i if i < 200 else -1 for i in range(n)])
+    data = CaptionDataset([[1]] * n, maps=(mid, final), mirrored_maps=(mid_m, final_m),
+                          larger=LargerPhotos(row, (big_mid, big_final), big_mirrored, p=0.5))
+    torch.manual_seed(0)
+    items = [data[i] for i in range(n)]
+    shown = [bool(it["mid"].max() >= 10) for it in items]
+    assert not any(shown[200:])  # no larger photo, never swapped
+    assert 60 < sum(shown[:200]) < 140
+    for i, it in enumerate(items):  # both scales and the mirrored pair come from the same photo of the same product
+        if shown[i]:
+            assert torch.equal(it["final"], big_final[i]) and torch.equal(it["mid_mirrored"], -big_mid[i])
+        else:
+            assert torch.equal(it["final"], final[i]) and torch.equal(it["mid_mirrored"], mid_m[i])
+    always = CaptionDataset([[1]] * n, maps=(mid, final),
+                            larger=LargerPhotos(row, (big_mid, big_final), None, p=1.0))
+    assert torch.equal(always[5]["mid"], big_mid[5]) and "mid_mirrored" not in always[5]
+
+
+def test_training_with_a_folder_of_larger_photos(tiny_catalog: Path, tmp_path: Path):
+    larger = tmp_path / "larger"
+    (larger / "images").mkdir(parents=True)
+    for path in sorted((tiny_catalog / "images").glob("*.jpg"))[::2]:  # half the products, photos twice the size
+        with Image.open(path) as im:
+            im.resize((im.width * 2, im.height * 2)).save(larger / "images" / path.name)
+    done = run_cli([*tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", epochs=1),
+                    "--larger_images_dir", str(larger)], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = next(line for line in done.stderr.splitlines() if "larger photos:" in line)
+    n_train = len(json.loads((tmp_path / "runs" / "tiny" / "split.json").read_text())["train_ids"])
+    assert f"of {n_train} training products" in shown and 40 < int(shown.split("larger photos: ")[1].split()[0]) < 90
+    info = json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())
+    assert info["args"]["larger_images_dir"] == str(larger)
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    refused = run_cli([*tiny_train_args(tiny_catalog, tmp_path / "runs2", tmp_path / "cache", epochs=1),
+                       "--larger_images_dir", str(empty)])
+    assert refused.returncode != 0 and "none of the" in refused.stderr.strip().splitlines()[-1]
+
+
 def test_flip_augmentation_swaps_in_mirrored_maps_for_a_share_of_the_training_batch():
     from training.data import make_collator
 

@@ -88,6 +88,12 @@ class DataArguments:
     flip_p: float | None = field(
         default=None, metadata={"help": "chance of mirroring a training image left-right (cached: its mirrored maps)"}
     )
+    larger_images_dir: str | None = field(default=None, metadata={
+        "help": "a Kaggle-layout folder with larger photos of some of the same products (e.g. "
+                "../shared/data/fashion-product-images): training products found there are shown from that photo "
+                "instead, with chance --larger_images_p, so the captioner stops depending on the input's size"})
+    larger_images_p: float = field(default=0.5, metadata={
+        "help": "chance of showing a training product's larger photo, when --larger_images_dir has one"})
 
 
 @dataclass
@@ -132,6 +138,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise SystemExit(f"error: --precision must be fp32, bf16 or fp16, not {run_args.precision!r}")
     if data_args.split_by not in SPLIT_BY:
         raise SystemExit(f"error: --split_by must be one of {', '.join(SPLIT_BY)}, not {data_args.split_by!r}")
+    if not 0.0 <= data_args.larger_images_p <= 1.0:
+        raise SystemExit(f"error: --larger_images_p must be in [0, 1], not {data_args.larger_images_p}")
+    if data_args.larger_images_dir and not run_args.cache_features:
+        raise SystemExit("error: --larger_images_dir works on cached encoder maps; drop --cache_features false")
     if run_args.cache_features and model_args.encoder != "mobilenet_v2":
         raise SystemExit("error: --cache_features needs the frozen mobilenet_v2 encoder; pass --cache_features false")
     return model_args, data_args, run_args

@@ -17,6 +17,7 @@ from ris_core.data import Catalog
 from ris_core.files import atomic_path, digest, write_json_atomic
 from ris_core.images import ImageError, open_image, square
 from ris_core.modeling import ModelSpec, image_processor
+from ris_core.precision import fast_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def _cache_key(catalog: Catalog, ids: list[int], spec: ModelSpec) -> str:
         "encoder": spec.encoder, "image_size": spec.image_size, "source_max_side": spec.source_max_side,
         "version": 2,  # 2: backbone in bf16 autocast
     }
+    if spec.backbone_precision != "bf16" or not fast_bf16():  # fp32 maps, or bf16 emulated: not the same bytes
+        ident["backbone"] = spec.backbone_precision if spec.backbone_precision != "bf16" else "bf16-emulated"
     return digest(ident)
 
 
@@ -101,19 +104,37 @@ class CaptionDataset(Dataset):
     pixels: torch.Tensor | None = None  # uint8, normalised per batch
     spec: ModelSpec | None = None
     mirrored_maps: tuple[torch.Tensor, torch.Tensor] | None = None  # the same rows, images mirrored
+    larger: LargerPhotos | None = None  # some rows' maps from a larger photo of the same product
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
         item = {"labels": self.labels[i]}
-        if self.maps is not None:
-            item["mid"], item["final"] = self.maps[0][i], self.maps[1][i]
-            if self.mirrored_maps is not None:
-                item["mid_mirrored"], item["final_mirrored"] = self.mirrored_maps[0][i], self.mirrored_maps[1][i]
-        else:
+        if self.maps is None:
             item["pixels"] = self.pixels[i]
+            return item
+        maps, mirrored = self.maps, self.mirrored_maps
+        if self.larger is not None and (j := int(self.larger.row[i])) >= 0 and torch.rand(()) < self.larger.p:
+            maps, mirrored, i = self.larger.maps, self.larger.mirrored_maps, j
+        item["mid"], item["final"] = maps[0][i], maps[1][i]
+        if mirrored is not None:
+            item["mid_mirrored"], item["final_mirrored"] = mirrored[0][i], mirrored[1][i]
         return item
+
+
+@dataclass
+class LargerPhotos:
+    """Maps of larger photos of some training products: `row[i]` indexes them for dataset row i (-1: none).
+
+    A 168x224 photo shrunk to the model's 60x80 input is not the Kaggle 60x80 JPEG (other resampling, no
+    block artefacts); showing both during training is what makes the captioner indifferent to the input's size.
+    """
+
+    row: torch.Tensor
+    maps: tuple[torch.Tensor, torch.Tensor]
+    mirrored_maps: tuple[torch.Tensor, torch.Tensor] | None
+    p: float
 
 
 def make_collator(spec: ModelSpec, flip_p: float = 0.0):

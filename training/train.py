@@ -10,12 +10,13 @@ Writes results/runs/<run_name>/: run.json, split.json, history.csv, model/ (best
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -35,17 +36,19 @@ from ris_core.modeling import (
     save_captioner,
     token_cross_entropy,
 )
+from ris_core.precision import fast_bf16
 from ris_core.runs import RunError, git_commit, upsert_history_row
 from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions
 from training.args import default_run_name, model_spec, parse_args
-from training.data import CaptionDataset, cached_backbone_maps, decode_images, make_collator
+from training.data import CaptionDataset, LargerPhotos, cached_backbone_maps, decode_images, make_collator
 
 logger = logging.getLogger("training.train")
 # fields that may differ between the command that started a run and the one that resumes it
 RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name", "report_to"}
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder, with --report_to tensorboard
 # arguments added after runs were already recorded, with the value those older runs implicitly used
-ADDED_SINCE = {"flip_p": 0.0, "split_by": "product"}  # what a run recorded before an argument existed used
+# what a run recorded before an argument existed used
+ADDED_SINCE = {"flip_p": 0.0, "split_by": "product", "larger_images_dir": None, "larger_images_p": 0.5}
 
 
 class TrainableCaptioner(VisionEncoderDecoderModel):
@@ -225,8 +228,6 @@ def open_run_dir(run_dir: Path, resolved: dict) -> bool:
     if run_dir.exists() and any(run_dir.iterdir()):
         if not info_path.is_file():
             raise RunError(f"{run_dir} is not empty and holds no run.json: choose another --run_name")
-        import json
-
         saved = {**ADDED_SINCE, **json.loads(info_path.read_text()).get("args", {})}
         resolved = {**ADDED_SINCE, **resolved}  # an argument added since counts as its old value on both sides
         differ = sorted(k for k in set(saved) | set(resolved)
@@ -248,8 +249,14 @@ def main(argv: list[str] | None = None) -> Path:
         raise RunError(f"--report_to must be none or tensorboard, not {run_args.report_to!r}")
     if run_args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    resolved = {**asdict(model_args), **asdict(data_args), **asdict(run_args)}  # as asked, before the machine's say
+    if run_args.precision == "bf16" and not fast_bf16("cuda" if torch.cuda.is_available() else "cpu"):
+        logger.warning("--precision bf16: this machine runs bf16 slowly (no AVX-512 or bf16 GPU; a cpu-preset step "
+                       "was 17x slower than fp32 on an AVX2 CPU): training in fp32, encoder maps in fp32")
+        run_args.precision = "fp32"
     spec = model_spec(model_args)
-    resolved = {**asdict(model_args), **asdict(data_args), **asdict(run_args)}
+    if spec.encoder == "mobilenet_v2":
+        spec = replace(spec, backbone_precision="bf16" if run_args.precision == "bf16" else "fp32")
     run_name = run_args.run_name or default_run_name(model_args, run_args)
     run_dir = Path(run_args.results_dir) / run_name
     torch.manual_seed(run_args.seed)
@@ -261,6 +268,9 @@ def main(argv: list[str] | None = None) -> Path:
     with processes.main_process_first():
         resuming = open_run_dir(run_dir, resolved) if main_process else (run_dir / "run.json").is_file()
         last_checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+    if resuming and spec.encoder == "mobilenet_v2":  # keep the maps the run began with, whatever this machine does
+        begun = json.loads((run_dir / "run.json").read_text()).get("model_spec", {})
+        spec = replace(spec, backbone_precision=begun.get("backbone_precision", "bf16"))
     logger.info("%s run %s%s", "resuming" if resuming else "starting", run_dir,
                 f" from {last_checkpoint}" if last_checkpoint else "")
 
@@ -291,6 +301,10 @@ def main(argv: list[str] | None = None) -> Path:
         kept, data_args.val_fraction, data_args.split_seed, groups=groups)  # seeded: every process draws the same
     if main_process:
         split.save(split_path)
+    larger = None
+    if data_args.larger_images_dir:
+        with processes.main_process_first():
+            larger = larger_photo_maps(model, catalog, split.train_ids, spec, data_args)
 
     # 5. Tokenize captions (GPT-2 BPE + EOS) and assemble the datasets
     names = catalog.products["productDisplayName"]
@@ -302,8 +316,12 @@ def main(argv: list[str] | None = None) -> Path:
         if not run_args.cache_features:
             return CaptionDataset(labels, pixels=pixels[rows], spec=spec)
         flipped = (mirrored["mid"][rows], mirrored["final"][rows]) if augment and data_args.flip_p > 0 else None
+        views = None
+        if augment and larger is not None:
+            views = LargerPhotos(torch.tensor([larger["row_of"].get(i, -1) for i in split_ids]), larger["maps"],
+                                 larger["mirrored"], data_args.larger_images_p)
         return CaptionDataset(labels, maps=(maps["mid"][rows], maps["final"][rows]), spec=spec,
-                              mirrored_maps=flipped)
+                              mirrored_maps=flipped, larger=views)
 
     train_set, val_set = dataset(split.train_ids, augment=True), dataset(split.val_ids)
     if run_args.output_shortlist:
@@ -313,7 +331,7 @@ def main(argv: list[str] | None = None) -> Path:
     # 6. Describe the run before the first step
     info = {
         "name": run_name, "kind": "captioner", "preset": model_args.preset, "args": resolved,
-        "model_spec": asdict(spec), "git_commit": git_commit(), "status": "training",
+        "model_spec": asdict(spec), "precision": run_args.precision, "git_commit": git_commit(), "status": "training",
         "data": {**fingerprint(kept), "data_dir": str(data_args.data_dir), "columns": asdict(columns),
                  "report": asdict(catalog.report) | {"skipped_ids": None},
                  "unreadable_images": broken, "train": len(split.train_ids), "val": len(split.val_ids),
@@ -324,8 +342,6 @@ def main(argv: list[str] | None = None) -> Path:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if resuming:
-        import json
-
         previous = json.loads((run_dir / "run.json").read_text())
         info = {**previous, **{k: v for k, v in info.items() if k not in ("started",)}}
     if main_process:
@@ -369,6 +385,27 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("done: %s (best epoch %s, val perplexity %.3f)", run_dir, info.get("best_epoch"),
                 info.get("best_val_perplexity", float("nan")))
     return run_dir
+
+
+def larger_photo_maps(model, catalog, train_ids: list[int], spec, data_args) -> dict:
+    """Cached maps of the training products that --larger_images_dir also holds (plain, and mirrored with flips)."""
+    folder = Path(data_args.larger_images_dir)
+    if not (folder / "images").is_dir():
+        raise DataError(f"--larger_images_dir {folder}: no images/ folder (the Kaggle layout keeps images/<id>.jpg)")
+    larger = replace(catalog, image_dir=folder / "images")
+    ids = [i for i in train_ids if larger.image_path(i).is_file()]
+    if not ids:
+        raise DataError(f"--larger_images_dir {folder}: none of the {len(train_ids)} training products is there")
+    cache = Path(data_args.cache_dir)
+    maps, _ = cached_backbone_maps(model, larger, ids, spec, cache)
+    mirrored = None
+    if data_args.flip_p > 0:
+        flipped, _ = cached_backbone_maps(model, larger, ids, spec, cache, mirrored=True)
+        mirrored = (flipped["mid"], flipped["final"])
+    logger.info("larger photos: %d of %d training products (shown with chance %.2f)", len(maps["ids"]),
+                len(train_ids), data_args.larger_images_p)
+    return {"row_of": {int(pid): r for r, pid in enumerate(maps["ids"].tolist())},
+            "maps": (maps["mid"], maps["final"]), "mirrored": mirrored}
 
 
 def cli() -> None:

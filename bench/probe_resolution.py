@@ -1,0 +1,72 @@
+"""Does the captioner's answer depend on the photo's size? Held-out products captioned from two copies.
+
+    python -m bench.probe_resolution --run results/runs/reference-cpu            # the 400 held-out demo products
+    python -m bench.probe_resolution --run R --larger_dir ../shared/data/fashion-product-images
+
+Each held-out product of the run that `--larger_dir` also holds is captioned (greedy) from the dataset's own
+60x80 image and from the larger photo (the demo's are 168x224 and similar), with the same model and code path
+as the search demo; prints BLEU-4, last-two and last-word match at both sizes and the share of identical captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ris_core.data import Split, load_catalog
+from ris_core.encoder_decoder import Captioner
+from ris_core.images import open_image
+from ris_core.metrics import corpus_bleu, last_words_match
+
+
+def scores(captions: list[str], references: list[str]) -> dict[str, float]:
+    n = len(references)
+    return {"bleu_4": corpus_bleu(captions, references)["bleu_4"],
+            "last_two_match": sum(map(last_words_match, captions, references)) / n,
+            "last_word_match": sum(last_words_match(c, r, 1) for c, r in zip(captions, references)) / n}
+
+
+def probe(run: Path, small_dir: Path, larger_dir: Path, batch_size: int = 64) -> dict:
+    captioner = Captioner.load(run)
+    catalog = load_catalog(small_dir)
+    held_out = Split.load(run / "split.json").val_ids
+    ids = [i for i in held_out if (larger_dir / "images" / f"{i}.jpg").is_file()]
+    if not ids:
+        raise SystemExit(f"error: none of the {len(held_out)} held-out products of {run} is in {larger_dir}")
+    references = catalog.products.loc[ids, "productDisplayName"].tolist()
+    out: dict = {"run": str(run), "products": len(ids), "larger_dir": str(larger_dir)}
+    captions = {}
+    for size, folder in (("small", catalog.image_dir), ("larger", larger_dir / "images")):
+        images = [open_image(folder / f"{i}.jpg") for i in tqdm(ids, desc=f"reading {size} photos", mininterval=2)]
+        captions[size] = captioner.caption(images, batch_size=batch_size)
+        median = sorted(im.size for im in images)[len(ids) // 2]
+        out[size] = scores(captions[size], references) | {"median_size": median}
+    out["identical"] = sum(a == b for a, b in zip(captions["small"], captions["larger"])) / len(ids)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--small_dir", type=Path, default=Path("../shared/data/fashion-product-images-small"),
+                        help="the 60x80 dataset the run was trained on")
+    parser.add_argument("--larger_dir", type=Path, default=Path("data/demo"), help="larger photos (Kaggle layout)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    result = probe(args.run, args.small_dir, args.larger_dir)
+    print(f"{result['run']}: {result['products']} held-out products in {result['larger_dir']}")
+    print("| photo | median size | BLEU-4 | last two | last word |\n|---|---|---:|---:|---:|")
+    for size in ("small", "larger"):
+        r = result[size]
+        print(f"| {size} | {r['median_size'][0]}x{r['median_size'][1]} | {r['bleu_4']:.1f} | "
+              f"{r['last_two_match']:.1%} | {r['last_word_match']:.1%} |")
+    print(f"identical captions at both sizes: {result['identical']:.1%}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
