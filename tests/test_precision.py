@@ -48,7 +48,7 @@ def test_emulated_bf16_backbone_is_autocast_up_to_accumulation_order(bf16_mode):
     from training.data import normalize
 
     photos = sorted(Path(REPO / "data/demo/images").glob("*.jpg"))[:8]  # real photos: noise is not the test
-    pixels = normalize(torch.stack([torch.from_numpy(np.asarray(square(open_image(p), 128, 80))).permute(2, 0, 1)
+    pixels = normalize(torch.stack([torch.from_numpy(np.array(square(open_image(p), 128, 80))).permute(2, 0, 1)
                                     for p in photos]), ModelSpec())
     encoder = _encoder()
     bf16_mode("native")

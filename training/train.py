@@ -47,7 +47,6 @@ logger = logging.getLogger("training.train")
 RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name", "report_to"}
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder, with --report_to tensorboard
 # arguments added after runs were already recorded, with the value those older runs implicitly used
-# what a run recorded before an argument existed used
 ADDED_SINCE = {"flip_p": 0.0, "split_by": "product", "larger_images_dir": None, "larger_images_p": 0.5}
 
 
