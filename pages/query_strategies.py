@@ -197,7 +197,11 @@ if not curve_strategies:
 elif evaluated.retrieval is None or "hits" not in evaluated.retrieval:
     st.info("retrieval.csv has no per-query results (hits); re-run the evaluation to see P@k curves.")
 else:
-    curves = loaders.precision_curves(run, choice.data_dir, level, products_shown, tuple(curve_strategies))
+    try:
+        curves = loaders.precision_curves(run, choice.data_dir, level, products_shown, tuple(curve_strategies))
+    except (DataError, RunError) as err:  # the curves judge relevance against the catalog's labels
+        st.error(say(err))
+        st.stop()
     left, right = st.columns([3, 2])
     left.plotly_chart(precision_curve_figure(curves), key="strategies_pk_chart",
                       config=export(run.name, "precision-at-k", level, products_shown))

