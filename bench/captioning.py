@@ -5,7 +5,8 @@ encoder FLOPs at the bf16 rate (the frozen backbone runs under bf16 autocast) pl
 `x_floor` = measured seconds per caption / floor seconds per caption (1.0 would be perfect).
 Beside it, a reranked caption (ris_core/rerank.py: 5 beams + 10 catalog names, scored on both views) per image,
 and its cost as a multiple of the greedy caption's, measured in the same run on the same images. `full_head_*`:
-the same figures with the plain 50,257-way output layer instead of the shortlist head (ris_core/output_head.py).
+the same figures with the plain 50,257-way output layer instead of the shortlist head (ris_core/output_head.py);
+`generate_*`: with transformers' generate() instead of step-by-step decoding (ris_core/decoding.py).
 `rerank_stage_ms_per_image`: one reranked batch of 16 split into its stages (one encoder pass per view, the beams,
 the likelihoods of both views), beside the likelihoods with each candidate's cross-attention keys and values
 projected again (the path before `ris_core.modeling.cross_attention_cache`).
@@ -113,6 +114,11 @@ def rerank_stages(captioner, images, repeats: int) -> dict:
                 views = captioner.encode(images), captioner.encode(mirrored)
             with timed("beams"):
                 beams = captioner.n_best(views[0], config.num_beams)
+            if getattr(captioner, "decodes_fast", False):
+                captioner.fast_decoding = False
+                with timed("beams, generate()"):
+                    captioner.n_best(views[0], config.num_beams)
+                captioner.fast_decoding = True
             texts = [list(candidate_pool(b, names, config.generated_margin)) for b in beams]
             with timed("likelihoods, both views"):
                 for view in views:
@@ -137,7 +143,9 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
     bf16 = bf16_gflops or matmul_gflops("bfloat16", n, 2 if quick else 5)
     out: dict = {"model": source, "parameters_millions": round(sum(p.numel() for p in captioner.model.parameters())
                                                                 / 1e6, 2)}
-    for batch, count, repeats in ((small, 2 if quick else 16, 1 if quick else 2), (large, large, 1 if quick else 3)):
+    # (batch size, images, repeats)
+    shapes = ((small, 2 if quick else 16, 1 if quick else 2), (large, large, 1 if quick else 3))
+    for batch, count, repeats in shapes:
         rate = images_per_second(captioner, images[:count], batch, repeats)
         encoder, decoder, tokens = caption_flops(captioner, images[:batch])
         floor = encoder / (bf16 * 1e9) + decoder / (fp32 * 1e9)
@@ -156,6 +164,17 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
                     f"reranked_batch_{batch}_x_greedy": round(greedy / reranked, 1)})
     if hasattr(captioner, "encode"):
         out["rerank_stage_ms_per_image"] = rerank_stages(captioner, images[: 4 if quick else 16], 1 if quick else 3)
+    if getattr(captioner, "decodes_fast", False):  # generate(), side by side
+        captioner.fast_decoding = False
+        try:
+            for batch, count, repeats in shapes:
+                out[f"generate_batch_{batch}_images_per_second"] = round(
+                    images_per_second(captioner, images[:count], batch, repeats), 2)
+            batch = 16 if not quick else 2
+            out[f"generate_reranked_batch_{batch}_images_per_second"] = round(
+                reranked_per_second(captioner, images[: 4 if quick else 32], batch, 1), 2)
+        finally:
+            captioner.fast_decoding = True
     if isinstance(captioner.model.decoder.lm_head, ShortlistHead):  # the old path, side by side
         head = captioner.model.decoder.lm_head
         captioner.model.decoder.lm_head = full_output_layer(captioner.model)

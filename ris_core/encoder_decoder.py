@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutput
 
+from ris_core import decoding
 from ris_core.captioning import CaptionBatch, CaptionerBase
 from ris_core.errors import CheckpointError
 from ris_core.images import square
@@ -52,6 +53,7 @@ class Captioner(CaptionerBase):
     processor: Any = None  # the folder's image processor (captioners from elsewhere only)
     tokenizer: Any = None  # the folder's tokenizer (captioners from elsewhere only; ours use the GPT-2 BPE)
     can_rerank: ClassVar[bool] = True  # n_best and log_likelihoods work with this model (ris_core/rerank.py)
+    fast_decoding: bool = True  # ris_core.decoding where the model allows it; False: transformers' generate()
 
     @classmethod
     def load(cls, path: str | Path) -> Captioner:
@@ -68,6 +70,15 @@ class Captioner(CaptionerBase):
         return cls(model=model, spec=None, name=path.name, processor=processor, tokenizer=tokenizer)
 
     @property
+    def decodes_fast(self) -> bool:
+        return self.fast_decoding and decoding.supports(self.model)
+
+    @property
+    def eos_token_id(self) -> int:
+        eos = self.model.generation_config.eos_token_id
+        return int(eos[0] if isinstance(eos, list) else eos)
+
+    @property
     def text_tokenizer(self):
         return self.tokenizer if self.tokenizer is not None else gpt2_tokenizer()
 
@@ -80,10 +91,8 @@ class Captioner(CaptionerBase):
         """Each caption's token ids followed by the end token: what the decoder is scored on."""
         if self.tokenizer is None:
             return encode_captions(texts, max_length)
-        eos = self.model.generation_config.eos_token_id
-        eos = int(eos[0] if isinstance(eos, list) else eos)
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [seq[: max_length - 1] + [eos] for seq in ids]
+        return [seq[: max_length - 1] + [self.eos_token_id] for seq in ids]
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         if self.spec is None:  # the model's own processor decides (most stretch to a square)
@@ -120,14 +129,26 @@ class Captioner(CaptionerBase):
             loss, tokens = token_cross_entropy(self.model, hidden, _padded(self.token_ids(references)),
                                                self.start_token_id)
             out.loss_sum, out.tokens = loss.item() * tokens, tokens
+        if num_beams > 1:
+            out.captions = [beams[0] for beams in self.n_best(encoded, num_beams, max_new_tokens)]
+        elif self.decodes_fast:
+            out.captions = self._texts(decoding.greedy(self.model.decoder, hidden, self.start_token_id,
+                                                       self.eos_token_id, max_new_tokens))
+        else:
+            out.captions = self._texts(self._generate(raw, 1, 1, max_new_tokens))
+        return out
+
+    def _generate(self, raw: torch.Tensor, num_beams: int, num_return_sequences: int,
+                  max_new_tokens: int) -> torch.Tensor:
         # the encoder ran once; generate() projects `raw` itself. The mask only says "every image token is real":
         # pad == eos, so generate() cannot infer it and warns otherwise (same tokens either way).
-        token_mask = torch.ones(raw.shape[:2], dtype=torch.long)
-        generated = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=raw),
-                                        attention_mask=token_mask,
-                                        num_beams=num_beams, max_new_tokens=max_new_tokens)
-        out.captions = [c.strip() for c in self.text_tokenizer.batch_decode(generated, skip_special_tokens=True)]
-        return out
+        return self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=raw),
+                                   attention_mask=torch.ones(raw.shape[:2], dtype=torch.long),
+                                   num_beams=num_beams, num_return_sequences=num_return_sequences,
+                                   max_new_tokens=max_new_tokens)
+
+    def _texts(self, token_ids) -> list[str]:
+        return [c.strip() for c in self.text_tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
     @torch.no_grad()
     def log_likelihoods(self, images: list[Image.Image] | Encoded, candidates: list[list[str]]) -> list[np.ndarray]:
@@ -155,13 +176,13 @@ class Captioner(CaptionerBase):
     def n_best(self, images: list[Image.Image] | Encoded, num_beams: int = 5,
                max_new_tokens: int = 32) -> list[list[str]]:
         """Each image's beam-search hypotheses, likeliest first (candidates for reranking)."""
-        raw = self.encode(images).raw
-        generated = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=raw),
-                                        attention_mask=torch.ones(raw.shape[:2], dtype=torch.long),
-                                        num_beams=num_beams, num_return_sequences=num_beams,
-                                        max_new_tokens=max_new_tokens)
-        texts = [c.strip() for c in self.text_tokenizer.batch_decode(generated, skip_special_tokens=True)]
-        return [texts[i * num_beams : (i + 1) * num_beams] for i in range(raw.shape[0])]
+        encoded = self.encode(images)
+        if self.decodes_fast:
+            found = decoding.beam_search(self.model.decoder, encoded.hidden, num_beams, self.start_token_id,
+                                         self.eos_token_id, max_new_tokens)
+            return [self._texts(beams) for beams in found]
+        texts = self._texts(self._generate(encoded.raw, num_beams, num_beams, max_new_tokens))
+        return [texts[i * num_beams : (i + 1) * num_beams] for i in range(encoded.raw.shape[0])]
 
     @torch.no_grad()
     def embed(self, images: list[Image.Image]) -> np.ndarray:

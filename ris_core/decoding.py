@@ -1,0 +1,235 @@
+"""Greedy and beam decoding for GPT-2 decoders with cross-attention, step by step without `generate()`.
+
+For a 4-layer, 256-wide decoder `generate()` spends most of each step outside the model's arithmetic: building
+masks, growing and reordering caches, and a full 50,257-way logit row, log-softmax and top-k per caption. Here a
+step is the decoder's own modules on preallocated key/value buffers, the cross-attention keys and values are
+projected once per image, the output layer runs on the shortlist's columns (`ris_core.output_head`), and finished
+captions (greedy) or finished images (beams) leave the batch.
+
+The decisions are `generate()`'s: greedy takes the argmax; beam search follows transformers' beam search with its
+defaults (length_penalty 1.0, early_stopping False: the same candidates, scores and stopping rule). The arithmetic
+is the same up to float rounding, so a caption differs only where two tokens tie within it (tests compare both
+paths token for token; `bench/captioning.py` measures them side by side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, GPT2LMHeadModel
+
+from ris_core.output_head import ShortlistHead
+
+# generation settings this module implements at these values; a checkpoint asking for anything else uses generate()
+PLAIN_GENERATION = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+                    "no_repeat_ngram_size": 0, "length_penalty": 1.0, "early_stopping": False, "min_length": 0,
+                    "min_new_tokens": None, "bad_words_ids": None, "forced_bos_token_id": None,
+                    "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                    "num_beam_groups": 1, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0}
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """A GPT-2 decoder with cross-attention whose generation config asks for plain greedy / beam search."""
+    decoder = getattr(model, "decoder", None)
+    blocks = getattr(getattr(decoder, "transformer", None), "h", None)
+    if not isinstance(decoder, GPT2LMHeadModel) or not blocks or not all(hasattr(b, "crossattention") for b in blocks):
+        return False
+    if decoder.config.scale_attn_by_inverse_layer_idx or decoder.config.reorder_and_upcast_attn:
+        return False
+    config = getattr(model, "generation_config", None) or GenerationConfig()
+    eos = config.eos_token_id
+    return (not isinstance(eos, list) or len(eos) == 1) and all(
+        getattr(config, name, default) in (default, None) for name, default in PLAIN_GENERATION.items())
+
+
+@dataclass(frozen=True)
+class OutputColumns:
+    """The output layer as C distinct rows: logits = h @ weight.T, column c standing for token `tokens[c]` and
+    for `exp(log_count[c])` tokens of the vocabulary in all (the shortlist's shared row stands for the rest)."""
+
+    weight: torch.Tensor  # (C, D)
+    tokens: torch.Tensor  # (C,) token id of each column (the shared row: the smallest id sharing it)
+    log_count: torch.Tensor  # (C,)
+
+    @classmethod
+    def of(cls, head: torch.nn.Module) -> OutputColumns:
+        if isinstance(head, ShortlistHead):
+            k = len(head.shortlist)
+            first_shared = int(torch.nonzero(head.column == k)[0, 0])
+            log_count = torch.zeros(k + 1)
+            log_count[k] = head.log_shared
+            return cls(head.rows, torch.cat([head.shortlist, torch.tensor([first_shared])]), log_count)
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+            raise TypeError(f"no column view of a {type(head).__name__} output layer")
+        return cls(head.weight, torch.arange(head.weight.shape[0]), torch.zeros(head.weight.shape[0]))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.weight.T
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log p(token of column c | h) under the softmax over the whole vocabulary."""
+        logits = self.logits(hidden).float()
+        return logits - torch.logsumexp(logits + self.log_count, dim=-1, keepdim=True)
+
+
+class IncrementalDecoder:
+    """A GPT-2 decoder run one position at a time over `group` rows per image (1 for greedy, the beams for beam
+    search), rows grouped by image.
+
+    Self-attention keys/values live in buffers sized for the longest caption; cross-attention keys/values are
+    projected once per image and shared by its rows. `keep_rows` reorders rows within their images (beams),
+    `keep_images` drops whole images (finished ones).
+    """
+
+    def __init__(self, decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, group: int,
+                 max_positions: int) -> None:
+        self.transformer, self.group = decoder.transformer, group
+        first = self.transformer.h[0].attn
+        self.heads, self.head_dim = first.num_heads, first.head_dim
+        self.cross = []
+        for block in self.transformer.h:
+            attention = block.crossattention
+            keys, values = attention.c_attn(encoder_hidden).split(attention.split_size, dim=2)
+            shape = (*keys.shape[:-1], self.heads, self.head_dim)
+            self.cross.append((keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)))
+        buffer = (len(self.transformer.h), encoder_hidden.shape[0] * group, self.heads, max_positions, self.head_dim)
+        self.keys = torch.zeros(buffer, dtype=encoder_hidden.dtype)
+        self.values = torch.zeros(buffer, dtype=encoder_hidden.dtype)
+        self.length = 0
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+
+    def keep_images(self, images: torch.Tensor) -> None:
+        rows = (images[:, None] * self.group + torch.arange(self.group)).reshape(-1)
+        self.keep_rows(rows)
+        self.cross = [(k[images], v[images]) for k, v in self.cross]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final hidden state (rows, D) after feeding each row its next token."""
+        t, position = self.transformer, self.length
+        rows, width = tokens.shape[0], t.wte.weight.shape[1]
+        hidden = t.wte(tokens) + t.wpe.weight[position]
+        for layer, block in enumerate(t.h):
+            query, key, value = block.attn.c_attn(block.ln_1(hidden)).split(width, dim=1)
+            self.keys[layer, :, :, position] = key.view(rows, self.heads, self.head_dim)
+            self.values[layer, :, :, position] = value.view(rows, self.heads, self.head_dim)
+            past = slice(0, position + 1)  # causal: every buffered position is in the past
+            attended = _attention(query.view(rows, self.heads, 1, self.head_dim), self.keys[layer, :, :, past],
+                                  self.values[layer, :, :, past], block.attn.scaling)
+            hidden = hidden + block.attn.c_proj(attended.reshape(rows, width))
+            # an image's rows (its beams) query its keys together: (images, heads, group, head_dim)
+            cross_query = block.crossattention.q_attn(block.ln_cross_attn(hidden))
+            cross_query = cross_query.view(-1, self.group, self.heads, self.head_dim).transpose(1, 2)
+            attended = _attention(cross_query, *self.cross[layer], block.crossattention.scaling)
+            hidden = hidden + block.crossattention.c_proj(attended.transpose(1, 2).reshape(rows, width))
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+        self.length += 1
+        return t.ln_f(hidden)
+
+
+def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """GPT-2's eager attention: softmax(q k^T * scaling) v, over (batch, heads, queries, head_dim)."""
+    return torch.softmax((query @ keys.transpose(-1, -2)) * scaling, dim=-1) @ values
+
+
+@torch.no_grad()
+def greedy(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, start_token_id: int, eos_token_id: int,
+           max_new_tokens: int) -> list[list[int]]:
+    """Each image's greedy caption as token ids (end token excluded)."""
+    images = encoder_hidden.shape[0]
+    steps = min(max_new_tokens, decoder.config.n_positions)
+    columns = OutputColumns.of(decoder.lm_head)
+    state = IncrementalDecoder(decoder, encoder_hidden, 1, steps)
+    tokens = torch.full((images,), start_token_id, dtype=torch.long)
+    image_of_row = torch.arange(images)
+    ended = torch.zeros(images, dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in range(images)]
+    for _ in range(steps):
+        chosen = columns.tokens[columns.logits(state.step(tokens)).argmax(dim=-1)]
+        going = ~ended & (chosen != eos_token_id)
+        for image, token in zip(image_of_row[going].tolist(), chosen[going].tolist()):
+            out[image].append(token)
+        ended |= ~going
+        if bool(ended.all()):
+            break
+        # ended rows are fed their end token and ignored; once a quarter of the rows have ended they leave the
+        # batch (dropping each at once would copy the key/value buffers at almost every step)
+        if 4 * int(ended.sum()) >= len(ended):
+            kept = torch.nonzero(~ended).squeeze(1)
+            state.keep_images(kept)
+            image_of_row, chosen, ended = image_of_row[kept], chosen[kept], ended[kept]
+        tokens = chosen
+    return out
+
+
+@torch.no_grad()
+def beam_search(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, num_beams: int, start_token_id: int,
+                eos_token_id: int, max_new_tokens: int) -> list[list[list[int]]]:
+    """Each image's `num_beams` hypotheses (token ids, end token excluded), best first, as transformers' beam
+    search ranks them with its defaults; an image leaves the batch once its finished hypotheses cannot change.
+
+    With the shortlist head, the tokens sharing its last row count as one candidate (the smallest id): they tie,
+    and a token the captioner never saw in training among the 2 x num_beams best continuations does not occur."""
+    images, n = encoder_hidden.shape[0], num_beams
+    steps = min(max_new_tokens, decoder.config.n_positions)
+    max_length = 1 + steps  # the start token counts, as in generate()
+    columns = OutputColumns.of(decoder.lm_head)
+    width = len(columns.tokens)
+    state = IncrementalDecoder(decoder, encoder_hidden, n, steps)
+    active = torch.arange(images)  # image of each group of n rows still searching
+    running = torch.full((images, n, max_length), eos_token_id, dtype=torch.long)
+    running[:, :, 0] = start_token_id
+    running_scores = torch.zeros(images, n)
+    running_scores[:, 1:] = -1e9  # the n beams start identical: only the first may expand
+    finished = running.clone()
+    finished_scores = torch.full((images, n), -1e9)
+    finished_done = torch.zeros(images, n, dtype=torch.bool)
+    done_images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for length in range(1, max_length):  # `length` tokens so far, start token included
+        groups = len(active)
+        last = running[:, :, length - 1].reshape(-1)
+        log_probs = columns.log_probs(state.step(last)).view(groups, n, width) + running_scores[:, :, None]
+        top_scores, top = torch.topk(log_probs.view(groups, n * width), k=2 * n)
+        beam, token = top // width, columns.tokens[top % width]
+        candidates = torch.gather(running, 1, beam[:, :, None].expand(-1, -1, max_length)).clone()
+        candidates[:, :, length] = token
+        stops = (token == eos_token_id) | (length + 1 >= max_length)
+        # the n best candidates that go on...
+        keep = torch.topk(top_scores + stops * -1e9, k=n).indices
+        running = torch.gather(candidates, 1, keep[:, :, None].expand(-1, -1, max_length))
+        running_scores = torch.gather(top_scores + stops * -1e9, 1, keep)
+        # ... and those among the first n that end, normalised by their length, merged with the finished ones
+        ending = stops & (torch.arange(2 * n) < n)
+        normalised = top_scores / length + (~ending) * -1e9
+        merged_scores = torch.cat([finished_scores, normalised], dim=1)
+        best = torch.topk(merged_scores, k=n).indices
+        finished = torch.gather(torch.cat([finished, candidates], dim=1), 1,
+                                best[:, :, None].expand(-1, -1, max_length))
+        finished_scores = torch.gather(merged_scores, 1, best)
+        finished_done = torch.gather(torch.cat([finished_done, ending], dim=1), 1, best)
+        # an image is settled once no running beam can beat its worst finished hypothesis (generate()'s heuristic)
+        worst = torch.where(finished_done, finished_scores.min(dim=1, keepdim=True).values, -1e9)
+        open_ = (running_scores[:, :1] / length > worst).any(dim=1)
+        if length + 1 >= max_length or bool(stops.all()):
+            open_[:] = False
+        for group in torch.nonzero(~open_).squeeze(1).tolist():
+            done_images[int(active[group])] = (finished[group], finished_scores[group])
+        if not bool(open_.any()):
+            break
+        state.keep_rows(((torch.arange(groups) * n)[:, None] + torch.gather(beam, 1, keep)).reshape(-1))
+        if not bool(open_.all()):
+            still = torch.nonzero(open_).squeeze(1)
+            state.keep_images(still)
+            active, running, running_scores = active[still], running[still], running_scores[still]
+            finished, finished_scores, finished_done = finished[still], finished_scores[still], finished_done[still]
+    out = []
+    for image in range(images):
+        sequences, _ = done_images[image]
+        out.append([_until_eos(seq[1:].tolist(), eos_token_id) for seq in sequences])
+    return out
+
+
+def _until_eos(tokens: list[int], eos_token_id: int) -> list[int]:
+    return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens

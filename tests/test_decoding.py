@@ -1,0 +1,90 @@
+"""Step-by-step decoding (ris_core.decoding) makes generate()'s decisions: the same greedy captions and the same
+beam hypotheses in the same order, at any batch size, with the shortlist head or a full output layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ris_core import decoding
+from ris_core.encoder_decoder import Captioner
+from ris_core.modeling import ModelSpec, build_captioner
+from ris_core.output_head import ShortlistHead
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+REFERENCE = REPO / "results" / "runs" / "reference-cpu"  # the committed captioner: real captions of every length
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in sorted((REPO / "data" / "demo" / "images").glob("*.jpg"))[:24]]
+
+
+@pytest.fixture(scope="module")
+def reference() -> Captioner:
+    return Captioner.load(REFERENCE)
+
+
+def both_paths(captioner: Captioner, call):
+    captioner.fast_decoding = False
+    slow = call()
+    captioner.fast_decoding = True
+    return slow, call()
+
+
+def test_greedy_captions_equal_generate_at_every_batch_size(reference: Captioner, images):
+    captioner = reference
+    assert isinstance(captioner.model.decoder.lm_head, ShortlistHead) and captioner.decodes_fast
+    for batch_size in (1, 5, 24):
+        slow, fast = both_paths(captioner, lambda b=batch_size: captioner.caption(images, batch_size=b))
+        assert fast == slow
+    # the captions end at different lengths, so rows left the batch while others went on decoding
+    assert len({len(c.split()) for c in fast}) > 2 and all(fast), fast
+
+
+@pytest.mark.parametrize("num_beams", [2, 5])
+def test_beam_hypotheses_equal_generate_in_order(reference: Captioner, images, num_beams: int):
+    captioner = reference
+    slow, fast = both_paths(captioner, lambda: captioner.n_best(images, num_beams))
+    assert fast == slow and all(len(beams) == num_beams for beams in fast)
+    assert len({len(beams[-1].split()) for beams in fast}) > 2  # hypotheses of many lengths
+    single_slow, single_fast = both_paths(captioner, lambda: captioner.caption(images[:6], num_beams=num_beams))
+    assert single_fast == single_slow == [beams[0] for beams in fast[:6]]
+
+
+def test_a_full_output_layer_and_captions_that_run_to_the_length_limit(images):
+    torch.manual_seed(0)  # untrained: rarely ends, so the length limit and the beams' last step are exercised
+    spec = ModelSpec(n_layer=2, n_embd=64, n_head=2)
+    captioner = Captioner(model=build_captioner(spec).eval(), spec=spec)
+    # an untied random output layer (tied, the start token's own row wins and every caption ends at once)
+    captioner.model.decoder.lm_head = torch.nn.Linear(64, 50257, bias=False)
+    for call in (lambda: captioner.run_batch(images[:4], max_new_tokens=8).captions,
+                 lambda: captioner.n_best(images[:3], 3, max_new_tokens=6)):
+        slow, fast = both_paths(captioner, call)
+        assert fast == slow and all(fast)
+
+
+def test_settings_it_does_not_implement_go_to_generate(tiny_run: Path, images, monkeypatch):
+    captioner = Captioner.load(tiny_run)
+    captioner.model.generation_config.repetition_penalty = 1.3
+    assert not captioner.decodes_fast
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("step-by-step decoding used for a setting it does not implement")
+
+    monkeypatch.setattr(decoding, "greedy", refuse)
+    monkeypatch.setattr(decoding, "beam_search", refuse)
+    assert len(captioner.caption(images[:2])) == 2 and len(captioner.n_best(images[:2], 2)[0]) == 2
+
+
+def test_output_columns_give_the_full_softmax(tiny_run: Path):
+    head = Captioner.load(tiny_run).model.decoder.lm_head
+    columns = decoding.OutputColumns.of(head)
+    hidden = torch.randn(3, columns.weight.shape[1])
+    full = torch.log_softmax(head(hidden).float(), dim=-1)
+    assert columns.log_probs(hidden) == pytest.approx(full[:, columns.tokens], rel=1e-5)  # float rounding only
+    assert int(columns.tokens[-1]) == int(torch.nonzero(head.column == len(head.shortlist))[0, 0])
