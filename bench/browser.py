@@ -58,18 +58,21 @@ def _free_port() -> int:
 
 
 @contextmanager
-def streamlit_server(env: dict[str, str] | None = None, log_path: Path | None = None, timeout: float = 60):
-    """`streamlit run dashboard.py` on a free port, in a temporary working directory (DuckDuckGo's cache lands
-    there); yields its URL once healthy. Always stopped; with `log_path`, its output is kept there."""
+def streamlit_server(env: dict[str, str] | None = None, log_path: Path | None = None, timeout: float = 60,
+                     checkout: Path = REPO):
+    """`streamlit run dashboard.py` (of `checkout`: this one, or e.g. a `git worktree` of an older commit) on a free
+    port, in a temporary working directory (DuckDuckGo's cache lands there); yields its URL once healthy. Always
+    stopped; with `log_path`, its output is kept there."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="ris-streamlit-") as cwd, \
             open(log_path or os.devnull, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard.py"), "--server.headless", "true",
+            [sys.executable, "-m", "streamlit", "run", str(checkout / "dashboard.py"), "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
              "--server.fileWatcherType", "none"],
-            cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+            cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                          "PYTHONPATH": str(checkout), **(env or {})},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:

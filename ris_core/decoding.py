@@ -92,7 +92,9 @@ class IncrementalDecoder:
             attention = block.crossattention
             keys, values = attention.c_attn(encoder_hidden).split(attention.split_size, dim=2)
             shape = (*keys.shape[:-1], self.heads, self.head_dim)
-            self.cross.append((keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)))
+            # contiguous, keys transposed: each step's products then read them in place instead of copying them
+            self.cross.append((keys.view(shape).permute(0, 2, 3, 1).contiguous(),
+                               values.view(shape).transpose(1, 2).contiguous()))
         buffer = (len(self.transformer.h), encoder_hidden.shape[0] * group, self.heads, max_positions, self.head_dim)
         self.keys = torch.zeros(buffer, dtype=encoder_hidden.dtype)
         self.values = torch.zeros(buffer, dtype=encoder_hidden.dtype)
@@ -116,8 +118,9 @@ class IncrementalDecoder:
             self.keys[layer, :, :, position] = key.view(rows, self.heads, self.head_dim)
             self.values[layer, :, :, position] = value.view(rows, self.heads, self.head_dim)
             past = slice(0, position + 1)  # causal: every buffered position is in the past
-            attended = _attention(query.view(rows, self.heads, 1, self.head_dim), self.keys[layer, :, :, past],
-                                  self.values[layer, :, :, past], block.attn.scaling)
+            attended = _attention(query.view(rows, self.heads, 1, self.head_dim),
+                                  self.keys[layer, :, :, past].transpose(-1, -2), self.values[layer, :, :, past],
+                                  block.attn.scaling)
             hidden = hidden + block.attn.c_proj(attended.reshape(rows, width))
             # an image's rows (its beams) query its keys together: (images, heads, group, head_dim)
             cross_query = block.crossattention.q_attn(block.ln_cross_attn(hidden))
@@ -129,9 +132,10 @@ class IncrementalDecoder:
         return t.ln_f(hidden)
 
 
-def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
-    """GPT-2's eager attention: softmax(q k^T * scaling) v, over (batch, heads, queries, head_dim)."""
-    return torch.softmax((query @ keys.transpose(-1, -2)) * scaling, dim=-1) @ values
+def _attention(query: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """GPT-2's eager attention, softmax(q k^T * scaling) v: query (batch, heads, queries, head_dim), keys_t
+    (batch, heads, head_dim, keys), values (batch, heads, keys, head_dim)."""
+    return torch.softmax((query @ keys_t) * scaling, dim=-1) @ values
 
 
 @torch.no_grad()

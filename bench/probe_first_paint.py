@@ -1,0 +1,104 @@
+"""First paint of every page, this checkout beside an older commit, in headless Chromium on cold servers.
+
+    python -m bench.probe_first_paint --before 68fb798            # 3 rounds; writes nothing, prints a table
+    python -m bench.probe_first_paint --before 68fb798 --rounds 5 --out /tmp/first_paint.json
+
+The older commit is checked out with `git worktree` in a temporary folder (removed afterwards). Each round starts
+one server per checkout, in turn, and visits every page with a fresh browser (empty HTTP cache), the server's
+first visit being the overview; per page: seconds until its marker text is on screen (`content`) and until the
+script run has finished (`done`: no running indicator, every chart and table drawn). Medians over the rounds.
+Pages the older commit does not have are measured on this checkout only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.browser import chromium, streamlit_server
+from bench.common import REPO
+
+PAGES = {  # url path -> a text the page shows once its last section has rendered
+    "": "Explore",
+    "training_curves": "Best epochs",
+    "caption_quality": "Samples",
+    "query_strategies": "All held-out products",
+    "compare_captions": "One product",
+    "search_demo": "fused in",  # the hybrid column, the last of the gallery product's results
+}
+
+
+def visit(driver, url: str, marker: str, timeout: float = 180) -> dict:
+    """{content, done} seconds from opening the page."""
+    from selenium.webdriver.common.by import By
+
+    driver.get("about:blank")
+    start = time.perf_counter()
+    driver.get(url)
+    content = None
+    while time.perf_counter() - start < timeout:
+        text = driver.execute_script("return document.body.innerText")
+        now = time.perf_counter() - start
+        if content is None and marker in text:
+            content = now
+        if content is not None and not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'):
+            return {"content": round(content, 2), "done": round(now, 2)}
+        time.sleep(0.05)
+    raise TimeoutError(f"{marker!r} did not appear on {url} within {timeout:.0f} s")
+
+
+def one_round(checkout: Path) -> dict[str, dict | None]:
+    out: dict[str, dict | None] = {}
+    with streamlit_server(checkout=checkout) as base:
+        for path, marker in PAGES.items():
+            if path and not (checkout / "pages" / f"{path}.py").is_file():
+                out[path] = None  # not a page of that commit
+                continue
+            with chromium() as driver:
+                out[path or "overview"] = visit(driver, f"{base}/{path}", marker)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", required=True, help="a git commit to compare with (e.g. 68fb798)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="first-paint-") as tmp:
+        old = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(old), args.before], cwd=REPO, check=True,
+                       capture_output=True)
+        try:
+            rounds: dict[str, list[dict]] = {"before": [], "now": []}
+            for _ in range(args.rounds):
+                rounds["before"].append(one_round(old))
+                rounds["now"].append(one_round(REPO))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
+
+    def median(which: str, page: str, key: str) -> float | None:
+        values = [r[page][key] for r in rounds[which] if r.get(page)]
+        return round(statistics.median(values), 2) if values else None
+
+    table = {page or "overview": {f"{which}_{key}": median(which, page or "overview", key)
+                                  for which in ("before", "now") for key in ("content", "done")}
+             for page in PAGES}
+    print(f"| page | content before | content now | done before | done now |  (medians of {args.rounds} rounds)")
+    print("|---|---:|---:|---:|---:|")
+    for page, row in table.items():
+        cells = [row[f"{w}_{k}"] for k in ("content", "done") for w in ("before", "now")]
+        print(f"| {page} | " + " | ".join("-" if v is None else f"{v:.2f} s" for v in cells) + " |")
+    result = {"before": args.before, "rounds": args.rounds, "pages": table, "raw": rounds}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
