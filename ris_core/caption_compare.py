@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ris_core.metrics import _norm_words, corpus_bleu, last_words_match, sentence_bleu
+from ris_core.metrics import _norm_words, corpus_bleu_4, last_words_match, sentence_bleu
 
 DECODINGS = {"greedy": ("generated", "cider_d"), "reranked": ("reranked", "reranked_cider_d")}
 ATTRIBUTES = ("articleType", "gender", "baseColour", "masterCategory", "seen")
@@ -91,7 +91,7 @@ def summary(table: pd.DataFrame, systems: list[System]) -> pd.DataFrame:
     rows = []
     for s in systems:
         rows.append({"captions": s.label, "products": len(table),
-                     "BLEU-4": corpus_bleu(table[s.label].tolist(), refs)["bleu_4"] if len(table) else math.nan,
+                     "BLEU-4": corpus_bleu_4(table[s.label].tolist(), refs),
                      "CIDEr-D": float(table[f"{s.label} CIDEr-D"].mean()),
                      "last two right": float(table[f"{s.label} last two"].mean()),
                      "best of row": float((table[f"{s.label} BLEU"] >= best).mean()) if len(table) else math.nan})

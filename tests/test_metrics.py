@@ -90,6 +90,8 @@ def test_caption_metrics_rates() -> None:
     expected_mean = np.mean([sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(PREDS, REFS, strict=True)])
     assert out["sentence_bleu_mean"] == pytest.approx(expected_mean)
     assert out["bleu_4"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score)
+    # the one-pass BLEU-4 of the per-category tables is the same number
+    assert M.corpus_bleu_4(PREDS, REFS) == out["bleu_4"] and math.isnan(M.corpus_bleu_4([], []))
 
 
 @pytest.mark.slow  # importing `evaluate` pulls in transformers/torch: ~7 s; the rest of this file is < 1 s

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pandas as pd
 
-from ris_core.metrics import _norm_words, corpus_bleu
+from ris_core.metrics import _norm_words, corpus_bleu_4
 
 GROUPINGS = ("articleType", "gender", "baseColour")
 
@@ -26,8 +26,8 @@ def per_category(captions: pd.DataFrame, by: str, caption_column: str = "generat
     frame = captions.assign(_last_two=captions["last_two_match"].astype(str).str.lower().eq("true"))
     rows = []
     for category, group in frame.groupby(frame[by].fillna("(none)").astype(str)):
-        bleu = corpus_bleu(group[caption_column].fillna("").astype(str).tolist(),
-                           group["reference"].astype(str).tolist())["bleu_4"]
+        bleu = corpus_bleu_4(group[caption_column].fillna("").astype(str).tolist(),
+                             group["reference"].astype(str).tolist())
         rows.append({"category": category, "products": len(group), "bleu_4": bleu,
                      "last_two_match": float(group["_last_two"].mean())})
     table = pd.DataFrame(rows)
