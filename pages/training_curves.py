@@ -6,12 +6,15 @@ import streamlit as st
 from ris_app import loaders
 from ris_app.charts import Curve, best_epoch, curves_figure, export
 from ris_app.history_io import flag_implausible, parse_history
+from ris_app.share import Param, flag, link, publish, restore
 from ris_app.sidebar import sidebar
 from ris_app.widgets import md
 from ris_core.errors import RunError
 from ris_core.runs import differing_arguments
 
 choice = sidebar(multi=True)
+SHARED = [Param("curves_log", "log", parse=flag), Param("curves_smoothing", "smoothing", parse=float)]
+restore("training_curves", SHARED)
 st.title("Training curves")
 st.caption("Per-epoch loss and perplexity (per GPT-2 token). Thick lines with filled markers: validation; thin "
            "lines with open markers: training. The star marks each run's best epoch (lowest validation loss); "
@@ -114,5 +117,7 @@ st.subheader("History")
 table = pd.concat([c.history.assign(run=c.label) for c in curves], ignore_index=True)
 table = table[["run", *[c for c in table.columns if c != "run"]]]
 st.dataframe(table, hide_index=True, key="curves_table", height=min(400, 38 + 35 * len(table)))
-st.download_button("Download CSV", table.to_csv(index=False).encode(), file_name="history.csv", mime="text/csv",
-                   key="curves_download", icon=":material/download:")
+names = "-".join(c.label for c in curves[:3]) + ("-and-more" if len(curves) > 3 else "")
+st.download_button("Download CSV", table.to_csv(index=False).encode(), file_name=f"{names}-history.csv",
+                   mime="text/csv", key="curves_download", icon=":material/download:")
+link(publish(SHARED, {"runs": [run.name for run in choice.runs]}), "training_curves")

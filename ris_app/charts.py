@@ -204,5 +204,6 @@ def category_figure(table: pd.DataFrame, metric: str, label: str, by: str, heigh
         hovertemplate=f"<b>%{{y}}</b><br>{label} %{{x:{'.1%' if percent else '.1f'}}}<br>%{{customdata}} products"
                       "<extra></extra>"))
     fig.update_xaxes(title=label, tickformat=".0%" if percent else None)
-    fig.update_yaxes(title=by, categoryorder="array", categoryarray=table["category"].tolist())
+    # the table comes worst first: reversed, so the worst bar is at the top where the eye starts
+    fig.update_yaxes(title=by, categoryorder="array", categoryarray=table["category"].tolist(), autorange="reversed")
     return _layout(fig, max(height, 60 + 22 * len(table)))

@@ -218,6 +218,18 @@ def test_training_curves_overlay_runs_with_reported_dashed(runs_root):
     assert set(at.dataframe[1].value["run"]) == {"fresh"}
 
 
+def test_training_curves_view_lives_in_the_link(runs_root):
+    shared = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT)
+    shared.query_params.update({"runs": ["evaluated", "paper-2024"], "log": "true", "smoothing": "0.6"})
+    shared.run()
+    shared.switch_page("pages/training_curves.py").run()
+    assert_clean(shared)
+    assert shared.toggle(key="curves_log").value is True and shared.slider(key="curves_smoothing").value == 0.6
+    assert set(shared.dataframe[1].value["run"]) == {"evaluated", "paper-2024"}
+    link = next(c.value for c in shared.code if "?runs=" in c.value)
+    assert "runs=evaluated" in link and "runs=paper-2024" in link and "log=True" in link and "smoothing=0.6" in link
+
+
 def test_training_curves_show_each_runs_status_and_note(runs_root, tmp_path, monkeypatch):
     ablation = tmp_path / "ablation"
     ablation.mkdir()
@@ -390,7 +402,8 @@ def test_caption_quality_by_category_worst_first_and_one_click_to_examples(runs_
     chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
                  if json.loads(c.proto.spec)["layout"].get("yaxis", {}).get("title", {}).get("text") == "articleType")
     bars = chart["data"][0]
-    assert bars["y"] == expected["category"].tolist()  # worst BLEU-4 first
+    assert bars["y"] == expected["category"].tolist()  # worst BLEU-4 first...
+    assert chart["layout"]["yaxis"]["autorange"] == "reversed"  # ... drawn at the top
     assert bars["text"] == [f"n={n}" for n in expected["products"]]
     worst = expected["category"].iloc[0]
     at.button(key=f"quality_worst_{worst}").click().run()
