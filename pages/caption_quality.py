@@ -8,6 +8,7 @@ import streamlit as st
 from ris_app import loaders
 from ris_app.charts import bleu_histogram, category_figure, export
 from ris_app.guards import require_run
+from ris_app.share import Param, link, publish, restore
 from ris_app.sidebar import sidebar
 from ris_app.widgets import image_card, job_progress, md, say, short
 from ris_core.errors import DataError, RisError
@@ -23,6 +24,10 @@ METRICS = [  # (key in caption_metrics.json, label, scale to show)
     ("cider_d", "CIDEr-D", 1), ("rouge_l", "ROUGE-L", 100), ("semantic", "Semantic similarity", 100),
 ]
 CATEGORY_METRICS = {"bleu_4": "BLEU-4", "last_two_match": "last two match", "p_at_10": "P@10 (R1)"}
+SHARED = [Param("quality_decoding", "captions"), Param("quality_subset", "products"), Param("quality_by", "group"),
+          Param("quality_sort_by", "sort"), Param("quality_min_size", "min_size", parse=int),
+          Param("quality_master", "masters", many=True), Param("quality_article", "types", many=True),
+          Param("quality_match", "last_two")]
 SUBSET_HELP = ("all: every held-out product. seen: its exact name is also a training product's (recall is enough). "
                "novel: no training product has its name (the caption must be composed).")
 
@@ -64,7 +69,24 @@ def evaluation_job(run: Run) -> str:
     return f"evaluate:{run.path.resolve()}"
 
 
+def seed(key: str, allowed, default) -> None:
+    """Set a widget's value before it is drawn (it then takes no default of its own): the link's value where this
+    page offers it, otherwise the default; a list keeps only the values offered."""
+    value = st.session_state.get(key, default)
+    if isinstance(default, list):
+        st.session_state[key] = [v for v in value if v in allowed] if isinstance(value, list) else default
+    else:
+        st.session_state[key] = value if value in allowed else default
+
+
 choice = sidebar()
+restore("caption_quality", SHARED)
+seed("quality_decoding", ("greedy", "reranked"), "greedy")
+seed("quality_subset", ("all", "seen", "novel"), "all")
+seed("quality_by", GROUPINGS, "articleType")
+seed("quality_sort_by", CATEGORY_METRICS, "bleu_4")
+seed("quality_min_size", range(1, 101), 20)
+seed("quality_match", ("all", "match", "no match"), "all")
 st.title("Caption quality")
 run = require_run(choice)
 
@@ -109,14 +131,14 @@ controls = st.columns([2, 3])
 shown, products_shown = "greedy", "all"
 if len(decodings) > 1:
     with controls[0]:
-        shown = st.segmented_control("Captions", list(decodings), default="greedy", key="quality_decoding",
+        shown = st.segmented_control("Captions", list(decodings), key="quality_decoding",
                                      help="greedy: the model's own caption. reranked: the best of its captions and "
                                           "the names of the nearest training images (see below).") or "greedy"
 with controls[1]:
     if subsets:
         counts = {"all": n_scored, "seen": metrics.get("n_seen", "?"), "novel": metrics.get("n_novel", "?")}
         products_shown = st.segmented_control(
-            "Products", ["all", "seen", "novel"], default="all", key="quality_subset", help=SUBSET_HELP,
+            "Products", ["all", "seen", "novel"], key="quality_subset", help=SUBSET_HELP,
             format_func=lambda s: f"{s} ({counts[s]:,})" if isinstance(counts[s], int) else s) or "all"
     else:
         st.caption("This evaluation predates the seen/novel breakdown: re-run it to see it.")
@@ -183,11 +205,11 @@ st.subheader("By category")
 st.caption("Corpus BLEU-4 and last-two match of the shown captions per category, and P@10 (R1) of the best caption "
            "strategy's queries; bars sorted worst first. Small categories are noisy: set the minimum size.")
 group_controls = st.columns([2, 2, 2])
-by = group_controls[0].segmented_control("Group by", list(GROUPINGS), default="articleType", key="quality_by") \
+by = group_controls[0].segmented_control("Group by", list(GROUPINGS), key="quality_by") \
     or "articleType"
-sort_by = group_controls[1].segmented_control("Sort by", list(CATEGORY_METRICS), default="bleu_4",
-                                              key="quality_sort_by", format_func=CATEGORY_METRICS.get) or "bleu_4"
-min_size = group_controls[2].slider("At least this many products", 1, 100, 20, key="quality_min_size")
+sort_by = group_controls[1].segmented_control("Sort by", list(CATEGORY_METRICS), key="quality_sort_by",
+                                              format_func=CATEGORY_METRICS.get) or "bleu_4"
+min_size = group_controls[2].slider("At least this many products", 1, 100, key="quality_min_size")
 column = "reranked" if shown == "reranked" else "generated"
 try:
     categories = loaders.categories(run, by, column)
@@ -226,9 +248,11 @@ if categories is not None:
 st.subheader("Samples")
 filters = st.columns([2, 3, 2])
 masters = sorted(captions["masterCategory"].dropna().unique()) if "masterCategory" in captions else []
+seed("quality_master", masters, [])
 chosen_masters = filters[0].multiselect("Master category", masters, key="quality_master", placeholder="All")
 subset = captions[captions["masterCategory"].isin(chosen_masters)] if chosen_masters else captions
 articles = sorted(subset["articleType"].dropna().unique()) if "articleType" in subset else []
+seed("quality_article", articles, [])
 chosen_articles = filters[1].multiselect("Article type", articles, key="quality_article", placeholder="All")
 if chosen_articles:
     subset = subset[subset["articleType"].isin(chosen_articles)]
@@ -269,3 +293,4 @@ if len(subset) == 0:
     st.info("No product matches these filters; clear one to see more.")
 st.download_button("Download captions CSV", captions.to_csv(index=False).encode(), key="quality_download",
                    file_name=f"{run.name}-captions.csv", mime="text/csv", icon=":material/download:")
+link(publish(SHARED, {"run": run.name}), "caption_quality")

@@ -14,6 +14,7 @@ import streamlit as st
 
 from ris_app import loaders
 from ris_app.guards import require_run
+from ris_app.share import link, publish
 from ris_app.sidebar import sidebar
 from ris_app.widgets import job_progress, md, refine_controls, refined_grid, result_grid, say
 from ris_core.data import Catalog
@@ -81,7 +82,11 @@ def input_panel(catalog: Catalog, held_out: list[int]) -> Photo | None:
     """The upload field and a gallery of held-out products; returns the chosen photo (None: nothing yet)."""
     products = catalog.products
     st.session_state.setdefault("demo_gallery_seed", 0)
-    st.session_state.setdefault("demo_input", ("gallery", (held_out or list(products.index))[0]))
+    if "demo_input" not in st.session_state:  # a shared link names its product: /search_demo?product=1163
+        linked = st.query_params.get("product", "")
+        default = (held_out or list(products.index))[0]
+        st.session_state["demo_input"] = ("gallery", int(linked) if linked.isdigit() and int(linked) in products.index
+                                          else default)
     upload = st.file_uploader("Upload a product photo", type=["jpg", "jpeg", "png", "webp"], key="demo_upload",
                               on_change=use_upload)
     with st.container(horizontal=True, vertical_alignment="center", gap="small"):
@@ -366,6 +371,9 @@ def main() -> None:
     st.divider()
     options = search_options()
     results(run, photo, caption, options, products, choice.data_dir, train_ids, limit)
+    kind, picked = st.session_state["demo_input"]
+    if kind == "gallery":  # an upload cannot be shared by a link
+        link(publish([], {"run": run.name, "product": picked}), "search_demo")
     loaders.warm_captioner(run)  # after the first paint: an upload then needs no model load
 
 

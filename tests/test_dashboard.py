@@ -416,6 +416,27 @@ def test_caption_quality_by_category_worst_first_and_one_click_to_examples(runs_
                for c in at.get("plotly_chart"))
 
 
+def test_caption_quality_view_lives_in_the_link(runs_root):
+    captions = pd.read_csv(runs_root / "evaluated" / "eval" / "captions.csv", keep_default_na=False)
+    article = captions["articleType"].value_counts().index[0]
+    shared = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT)
+    shared.query_params.update({"run": "evaluated", "captions": "reranked", "products": "novel", "group": "gender",
+                                "sort": "last_two_match", "min_size": "3", "types": [article, "<b>nonsense</b>"],
+                                "last_two": "no match"})
+    shared.run()
+    shared.switch_page("pages/caption_quality.py").run()
+    assert_clean(shared)
+    assert not shared.warning or all("Session State" not in w.value for w in shared.warning)
+    assert shared.segmented_control(key="quality_decoding").value == "reranked"
+    assert shared.segmented_control(key="quality_by").value == "gender"
+    assert shared.slider(key="quality_min_size").value == 3
+    assert shared.multiselect(key="quality_article").value == [article]  # the unknown type is dropped
+    samples = shared.dataframe[-1].value
+    assert (samples["articleType"] == article).all() and not samples["last_two_match"].astype(bool).any()
+    link = next(c.value for c in shared.code if "?run=" in c.value)
+    assert "captions=reranked" in link and "group=gender" in link and "min_size=3" in link and "types=" in link
+
+
 def test_caption_quality_empty_state_then_evaluate_button(runs_root):
     at = app("pages/caption_quality.py", run=runs_root / "fresh")
     assert_clean(at)
@@ -547,11 +568,23 @@ def test_search_demo_gallery_pick_shows_caption_queries_and_timings(runs_root):
     assert_clean(at)
     body = texts(at)
     assert "Caption:" in body and "captioned in" in body and "search:" in body
-    assert len(at.code) == 4  # two strategies, the hybrid and the visual baseline
+    assert len(queries(at)) == 4  # two strategies, the hybrid and the visual baseline
     gallery = [b for b in at.button if b.key and b.key.startswith("demo_pick_")]
     gallery[-1].click().run()
     assert_clean(at)
     assert "Held-out product" in texts(at)
+    picked = gallery[-1].key.removeprefix("demo_pick_")
+    link = next(c.value for c in at.code if "?run=" in c.value)
+    assert f"product={picked}" in link
+    # the link reopens that product in a new session; a product the catalog lacks falls back to the first
+    for product, shown in ((picked, picked), ("99999999", None)):
+        shared = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT)
+        shared.query_params.update({"run": "evaluated", "product": product})
+        shared.run()
+        shared.switch_page("pages/search_demo.py").run()
+        assert_clean(shared)
+        opened = next(c.value for c in shared.code if "?run=" in c.value)
+        assert (f"product={shown}" in opened) if shown else ("product=99999999" not in opened)
 
 
 def test_search_demo_searches_with_the_reranked_caption_unless_turned_off(runs_root):
