@@ -133,6 +133,18 @@ def rerank_stages(captioner, images, repeats: int) -> dict:
     return {stage: round(seconds / len(images) * 1000, 2) for stage, seconds in best.items()}
 
 
+def variant_rates(captioner, images, shapes, quick: bool, prefix: str) -> dict:
+    """Greedy images/s at each (batch, images, repeats) shape and reranked at batch 16, of a variant the caller
+    has switched on (the old output layer, generate())."""
+    out = {f"{prefix}_batch_{batch}_images_per_second": round(images_per_second(captioner, images[:count], batch,
+                                                                                 repeats), 2)
+           for batch, count, repeats in shapes}
+    batch = 2 if quick else 16
+    out[f"{prefix}_reranked_batch_{batch}_images_per_second"] = round(
+        reranked_per_second(captioner, images[: 4 if quick else 32], batch, 1), 2)
+    return out
+
+
 def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16_gflops: float | None = None) -> dict:
     torch.manual_seed(0)
     captioner, source = load_captioner()
@@ -167,24 +179,14 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
     if getattr(captioner, "decodes_fast", False):  # generate(), side by side
         captioner.fast_decoding = False
         try:
-            for batch, count, repeats in shapes:
-                out[f"generate_batch_{batch}_images_per_second"] = round(
-                    images_per_second(captioner, images[:count], batch, repeats), 2)
-            batch = 16 if not quick else 2
-            out[f"generate_reranked_batch_{batch}_images_per_second"] = round(
-                reranked_per_second(captioner, images[: 4 if quick else 32], batch, 1), 2)
+            out.update(variant_rates(captioner, images, shapes, quick, "generate"))
         finally:
             captioner.fast_decoding = True
-    if isinstance(captioner.model.decoder.lm_head, ShortlistHead):  # the old path, side by side
+    if isinstance(captioner.model.decoder.lm_head, ShortlistHead):  # the old output layer, side by side
         head = captioner.model.decoder.lm_head
         captioner.model.decoder.lm_head = full_output_layer(captioner.model)
         try:
-            for batch, count, repeats in ((small, 2 if quick else 16, 1), (large, large, 1 if quick else 2)):
-                out[f"full_head_batch_{batch}_images_per_second"] = round(
-                    images_per_second(captioner, images[:count], batch, repeats), 2)
-            batch = 16 if not quick else 2
-            out[f"full_head_reranked_batch_{batch}_images_per_second"] = round(
-                reranked_per_second(captioner, images[: 4 if quick else 32], batch, 1), 2)
+            out.update(variant_rates(captioner, images, shapes, quick, "full_head"))
         finally:
             captioner.model.decoder.lm_head = head
     out.update(matmul_fp32_gflops=round(fp32, 1), matmul_bf16_gflops=round(bf16, 1))
