@@ -13,6 +13,7 @@ import hashlib
 import io
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,23 @@ THUMB_SIDE = 160  # px: grids and cards show images at ~120-160 px
 KNN_CACHE_DIR = Path(".cache") / "knn"  # image-kNN indexes of catalogs, under the working directory
 Key = tuple[str, tuple[int, ...]]  # (resolved path, modification stamp): what every cached loader is keyed by
 
+
+
+@dataclass(frozen=True, eq=False)
+class CatalogIds:
+    """Catalog product ids with a fingerprint computed once: the caches below hash the fingerprint, not every id
+    (hashing the 40k ids of the full catalog at each cached call took ~0.5 s of a search demo rerun)."""
+
+    ids: tuple[int, ...]
+    key: str
+
+    @classmethod
+    def of(cls, ids) -> CatalogIds:
+        array = np.asarray(list(ids), dtype=np.int64)
+        return cls(tuple(array.tolist()), hashlib.sha256(array.tobytes()).hexdigest())
+
+
+BY_KEY = {CatalogIds: lambda ids: ids.key}  # hash_funcs of every cached loader taking catalog ids
 
 def stamp(*paths: Path) -> tuple[int, ...]:
     """Modification times (ns) of the paths, 0 for a missing one: the part of a cache key that changes."""
@@ -294,44 +312,44 @@ def refine_results(run: Run, caption: str, embedding: np.ndarray, results: list,
     return outcome, (time.perf_counter() - started) * 1000
 
 
-@st.cache_resource(show_spinner="Indexing the catalog for text search...", max_entries=4)
-def _catalog_index(data_dir: str, data_version: tuple[int, ...], ids: tuple[int, ...]) -> CatalogIndex:
+@st.cache_resource(show_spinner="Indexing the catalog for text search...", max_entries=4, hash_funcs=BY_KEY)
+def _catalog_index(data_dir: str, data_version: tuple[int, ...], ids: CatalogIds) -> CatalogIndex:
     from ris_core.search.catalog import CatalogIndex
 
     cat = _catalog(data_dir, data_version)
-    return CatalogIndex.build(cat.products.loc[list(ids)], cat.image_dir)
+    return CatalogIndex.build(cat.products.loc[list(ids.ids)], cat.image_dir)
 
 
 def catalog_index(data_dir: Path, ids: list[int]) -> CatalogIndex:
     """An in-memory FTS5 index over the given products of the data folder, built once."""
-    return _catalog_index(*data_key(data_dir), tuple(int(i) for i in ids))
+    return _catalog_index(*data_key(data_dir), CatalogIds.of(ids))
 
 
 def _knn_sources(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
-                 ids: tuple[int, ...]) -> tuple[Path, Path]:
+                 ids: CatalogIds) -> tuple[Path, Path]:
     """(the run's evaluation index, this catalog's own cache file under .cache/knn/)."""
-    cached = Path.cwd() / KNN_CACHE_DIR / f"{digest(run_path, model_version, data_dir, data_version, ids)}.npz"
+    cached = Path.cwd() / KNN_CACHE_DIR / f"{digest(run_path, model_version, data_dir, data_version, ids.ids)}.npz"
     return Path(run_path) / "eval" / f"{eval_files.CATALOG_KNN}.npz", cached
 
 
-@st.cache_resource(show_spinner=False, max_entries=3)
+@st.cache_resource(show_spinner=False, max_entries=3, hash_funcs=BY_KEY)
 def _demo_artifacts(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
-                    ids: tuple[int, ...]) -> DemoArtifacts | None:
+                    ids: CatalogIds) -> DemoArtifacts | None:
     from ris_core import demo_artifacts
 
     cat = _catalog(data_dir, data_version)
-    return demo_artifacts.load(Path(data_dir), Path(run_path), list(ids), cat.products)
+    return demo_artifacts.load(Path(data_dir), Path(run_path), list(ids.ids), cat.products)
 
 
 def shipped_photo(run: Run, data_dir: Path, ids: list[int], digest: str) -> GalleryPhoto | None:
     """A gallery photo's captions and embedding precomputed for this run and catalog (data/demo/precomputed/)."""
-    shipped = _demo_artifacts(*run_key(run), *data_key(data_dir), tuple(int(i) for i in ids))
+    shipped = _demo_artifacts(*run_key(run), *data_key(data_dir), CatalogIds.of(ids))
     return shipped.photos.get(digest) if shipped is not None else None
 
 
-@st.cache_resource(show_spinner="Reading the catalog's image index...", max_entries=3)
+@st.cache_resource(show_spinner="Reading the catalog's image index...", max_entries=3, hash_funcs=BY_KEY)
 def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, data_version: tuple[int, ...],
-               ids: tuple[int, ...]) -> ImageKnnIndex:
+               ids: CatalogIds) -> ImageKnnIndex:
     from ris_core.search.image_knn import index_for_catalog
 
     cat = _catalog(data_dir, data_version)
@@ -340,24 +358,24 @@ def _knn_index(run_path: str, model_version: tuple[int, ...], data_dir: str, dat
         return shipped.knn(cat.products, cat.image_path)
     evaluation_index, cached = _knn_sources(run_path, model_version, data_dir, data_version, ids)
     # Never embeds here (that is a job's work: `build_knn_index`); IndexNotBuilt is raised, and not cached.
-    return index_for_catalog(list(ids), cat.products, cat.image_path, evaluation_index=evaluation_index,
+    return index_for_catalog(list(ids.ids), cat.products, cat.image_path, evaluation_index=evaluation_index,
                              cache_path=cached)
 
 
 def knn_index(run: Run, data_dir: Path, ids: list[int]) -> ImageKnnIndex:
     """The image-kNN baseline over the given catalog products, embedded with the run's encoder; IndexNotBuilt
     when no stored index covers them yet (start `build_knn_index` as a job)."""
-    return _knn_index(*run_key(run), *data_key(data_dir), tuple(int(i) for i in ids))
+    return _knn_index(*run_key(run), *data_key(data_dir), CatalogIds.of(ids))
 
 
 def build_knn_index(run: Run, data_dir: Path, ids: list[int], progress=None) -> None:
     """Embed the catalog images with the run's encoder and store the index where `knn_index` reads it."""
     from ris_core.search.image_knn import index_for_catalog
 
-    key = (*run_key(run), *data_key(data_dir), tuple(int(i) for i in ids))
+    catalog_ids = CatalogIds.of(ids)
     cat, model = _catalog(*data_key(data_dir)), captioner(run)
-    evaluation_index, cached = _knn_sources(*key)
-    index_for_catalog(list(key[-1]), cat.products, cat.image_path,
+    evaluation_index, cached = _knn_sources(*run_key(run), *data_key(data_dir), catalog_ids)
+    index_for_catalog(list(catalog_ids.ids), cat.products, cat.image_path,
                       lambda items: model.embed_paths(items, progress=False, desc="embedding the catalog images",
                                                       hook=progress),
                       evaluation_index=evaluation_index, cache_path=cached)
@@ -385,9 +403,9 @@ def photo_caption(run: Run, digest: str, image) -> tuple[str, np.ndarray, float]
     return _photo_caption(*run_key(run), digest, image)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
+@st.cache_data(show_spinner=False, max_entries=256, hash_funcs=BY_KEY)
 def _photo_rerank(run_path: str, version: tuple[int, ...], digest: str, greedy: str, exclude: int | None,
-                  data_dir: str, data_version: tuple[int, ...], ids: tuple[int, ...], _image,
+                  data_dir: str, data_version: tuple[int, ...], ids: CatalogIds, _image,
                   _embedding: np.ndarray) -> tuple[object, float]:
     from ris_core.rerank import RerankConfig, rerank
 
@@ -403,7 +421,7 @@ def photo_rerank(run: Run, digest: str, image, greedy: str, embedding: np.ndarra
                  exclude: int | None = None):
     """(best Candidate or None, milliseconds): the reranked caption of a photo against the catalog products
     `ids` (`exclude`: a catalog product that must not lend its own name), once for all sessions."""
-    return _photo_rerank(*run_key(run), digest, greedy, exclude, *data_key(data_dir), tuple(int(i) for i in ids),
+    return _photo_rerank(*run_key(run), digest, greedy, exclude, *data_key(data_dir), CatalogIds.of(ids),
                          image, embedding)
 
 
