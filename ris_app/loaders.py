@@ -47,11 +47,10 @@ KNN_CACHE_DIR = Path(".cache") / "knn"  # image-kNN indexes of catalogs, under t
 Key = tuple[str, tuple[int, ...]]  # (resolved path, modification stamp): what every cached loader is keyed by
 
 
-
 @dataclass(frozen=True, eq=False)
 class CatalogIds:
     """Catalog product ids with a fingerprint computed once: the caches below hash the fingerprint, not every id
-    (hashing the 40k ids of the full catalog at each cached call took ~0.5 s of a search demo rerun)."""
+    (hashing the 2,600 demo ids at each cached call was 0.47 of an upload's 2.7 s rerun, on a loaded machine)."""
 
     ids: tuple[int, ...]
     key: str
@@ -63,6 +62,7 @@ class CatalogIds:
 
 
 BY_KEY = {CatalogIds: lambda ids: ids.key}  # hash_funcs of every cached loader taking catalog ids
+
 
 def stamp(*paths: Path) -> tuple[int, ...]:
     """Modification times (ns) of the paths, 0 for a missing one: the part of a cache key that changes."""
