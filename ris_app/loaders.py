@@ -149,7 +149,7 @@ def _precision_curves(eval_dir: str, version: tuple[int, ...], data_dir: str, da
                       level: str, subset: str, strategies: tuple[str, ...]) -> pd.DataFrame:
     from ris_core.evaluation.precision_curves import precision_curves
 
-    retrieval = read_evaluation(Path(eval_dir)).retrieval
+    retrieval = _evaluation(eval_dir, version).retrieval  # parsed once per evaluation, shared with the page
     if subset != "all" and "seen" in retrieval:
         retrieval = retrieval[retrieval["seen"].astype(str).str.lower().eq(str(subset == "seen").lower())]
     return precision_curves(retrieval, _catalog(data_dir, data_version).products, level,
@@ -165,7 +165,7 @@ def precision_curves(run: Run, data_dir: Path, level: str, subset: str, strategi
 def _categories(eval_dir: str, version: tuple[int, ...], by: str, column: str) -> pd.DataFrame:
     from ris_core.evaluation.categories import per_category
 
-    evaluation = read_evaluation(Path(eval_dir))
+    evaluation = _evaluation(eval_dir, version)
     retrieval, strategy = evaluation.retrieval, None
     if retrieval is not None and "R1_p_at_10" in retrieval:
         captions_only = retrieval[retrieval["source"] == "caption"]
@@ -184,7 +184,7 @@ def _article_confusions(eval_dir: str, version: tuple[int, ...], data_dir: str, 
     from ris_core.evaluation.categories import article_confusions, article_words
 
     products = _catalog(data_dir, data_version).products
-    return article_confusions(read_evaluation(Path(eval_dir)).captions,
+    return article_confusions(_evaluation(eval_dir, version).captions,
                               article_words(products["productDisplayName"], products["articleType"]), column)
 
 
