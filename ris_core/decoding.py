@@ -178,6 +178,8 @@ def beam_search(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, num_beam
     and a token the captioner never saw in training among the 2 x num_beams best continuations does not occur."""
     images, n = encoder_hidden.shape[0], num_beams
     steps = min(max_new_tokens, decoder.config.n_positions)
+    if steps < 1:
+        raise ValueError(f"beam search needs at least one new token, not {max_new_tokens}")
     max_length = 1 + steps  # the start token counts, as in generate()
     columns = OutputColumns.of(decoder.lm_head)
     width = len(columns.tokens)
@@ -190,7 +192,7 @@ def beam_search(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, num_beam
     finished = running.clone()
     finished_scores = torch.full((images, n), -1e9)
     finished_done = torch.zeros(images, n, dtype=torch.bool)
-    done_images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    settled: dict[int, torch.Tensor] = {}  # image -> its n finished hypotheses, best first
     for length in range(1, max_length):  # `length` tokens so far, start token included
         groups = len(active)
         last = running[:, :, length - 1].reshape(-1)
@@ -219,7 +221,7 @@ def beam_search(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, num_beam
         if length + 1 >= max_length or bool(stops.all()):
             open_[:] = False
         for group in torch.nonzero(~open_).squeeze(1).tolist():
-            done_images[int(active[group])] = (finished[group], finished_scores[group])
+            settled[int(active[group])] = finished[group]
         if not bool(open_.any()):
             break
         state.keep_rows(((torch.arange(groups) * n)[:, None] + torch.gather(beam, 1, keep)).reshape(-1))
@@ -228,11 +230,7 @@ def beam_search(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, num_beam
             state.keep_images(still)
             active, running, running_scores = active[still], running[still], running_scores[still]
             finished, finished_scores, finished_done = finished[still], finished_scores[still], finished_done[still]
-    out = []
-    for image in range(images):
-        sequences, _ = done_images[image]
-        out.append([_until_eos(seq[1:].tolist(), eos_token_id) for seq in sequences])
-    return out
+    return [[_until_eos(seq[1:].tolist(), eos_token_id) for seq in settled[image]] for image in range(images)]
 
 
 def _until_eos(tokens: list[int], eos_token_id: int) -> list[int]:
