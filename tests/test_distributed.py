@@ -1,8 +1,8 @@
 """Training on more than one process, as on many GPUs or machines: `accelerate launch` with two CPU processes.
 
-accelerate's `--cpu` launcher runs several CPU processes only through MPI (not installed here); `--multi_gpu`
-starts them through torch's own launcher (torchrun), which on a machine without GPUs joins them with the gloo
-backend: the same code path as a multi-GPU run, on CPUs."""
+Two launchers: `--cpu --num_processes 2` starts its processes through MPI (`mpirun`, Debian's `openmpi-bin`,
+installed by CI; without `--mpirun_hostfile` accelerate runs one process), and `--multi_gpu`, torch's own launcher
+(torchrun), which on a machine without GPUs joins them with gloo: the code path of a multi-GPU run, on CPUs."""
 
 from __future__ import annotations
 
@@ -23,18 +23,35 @@ from ris_core.captioner import load_any_captioner
 from tests.conftest import REPO, tiny_train_args
 
 pytestmark = pytest.mark.slow
-LAUNCH = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+HOSTFILE = REPO / "training" / "localhost.hostfile"  # two slots on this machine
+LAUNCHERS = {"multi_gpu": [*ACCELERATE, "--multi_gpu", "-m", "training.train"],
+             "cpu": [*ACCELERATE, "--cpu", "--mpirun_hostfile", str(HOSTFILE), "-m", "training.train"]}
+LAUNCH = LAUNCHERS["multi_gpu"]
+# OpenMPI refuses to start as root (CI containers) unless told twice
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1",
+       "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
-def launch(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAUNCH, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, **kwargs)
+def launcher(name: str) -> list[str]:
+    if name == "cpu" and not shutil.which("mpirun"):
+        if os.environ.get("RIS_REQUIRE_MPI"):
+            pytest.fail("mpirun not found: apt-get install openmpi-bin (CI installs it)")
+        pytest.skip("accelerate's --cpu launcher needs mpirun (apt-get install openmpi-bin)")
+    return LAUNCHERS[name]
 
 
-def test_two_processes_write_one_run_that_loads_and_compares_with_one(tiny_catalog: Path, tmp_path: Path):
+def launch(args: list[str], name: str = "multi_gpu", **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher(name), *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+                          **kwargs)
+
+
+@pytest.mark.parametrize("name", ["cpu", "multi_gpu"])
+def test_two_processes_write_one_run_that_loads_and_compares_with_one(name: str, tiny_catalog: Path,
+                                                                      tmp_path: Path):
     args = tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", name="two", epochs=2)
-    done = launch(args)
+    done = launch(args, name)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("starting run") == 2  # both processes ran, one folder
     run = tmp_path / "runs" / "two"
@@ -57,20 +74,21 @@ def test_two_processes_write_one_run_that_loads_and_compares_with_one(tiny_catal
 
 
 def test_a_kill_of_both_processes_resumes_with_the_same_command(tiny_catalog: Path, tmp_path: Path):
+    """With the launcher the issue names, `accelerate launch --cpu --num_processes 2` (through mpirun)."""
     args = tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", name="killed", epochs=4)
     args[args.index("--batch_size") + 1] = "4"  # more steps per epoch: time to kill between checkpoints
     run = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([*LAUNCH, *args], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*launcher("cpu"), *args], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list((run / "checkpoints").glob("checkpoint-*/trainer_state.json")):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, mpirun and both training processes
     proc.wait()
     first = pd.read_csv(run / "history.csv")
     assert 1 <= len(first) < 4, "the run finished before it could be killed"
 
-    done = launch(args)
+    done = launch(args, "cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("resuming run") == 2
     history = pd.read_csv(run / "history.csv")
