@@ -1,4 +1,4 @@
-"""The Fashion Product Images table: tolerant `styles.csv` reading, image lookup, seeded splits.
+"""The Fashion Product Images table: tolerant `styles.csv` reading (through `datasets`), image lookup, seeded splits.
 
 Either Kaggle layout works: `styles.csv` beside `images/<id>.jpg` (full resolution, the 60x80
 "small" variant, or the demo catalog this repo ships in `data/demo`).
@@ -11,18 +11,20 @@ import csv
 import hashlib
 import io
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ris_core.dataset_sources import kaggle_layout
+from ris_core.dataset_sources import CACHE_DIR, kaggle_layout
 from ris_core.errors import DataError, RunError
 from ris_core.files import write_json_atomic
 from ris_core.kaggle_layout import COLUMNS
 from ris_core.schema import IDS, problems
 
+logger = logging.getLogger(__name__)
 MISSING_NAMES = {"", "NA", "N/A", "NAN", "NULL", "NONE"}  # the original writes "NA" for 7 missing names
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 
@@ -92,19 +94,35 @@ def _unquote(name: str) -> str:
     return name
 
 
-def read_styles(path: Path) -> tuple[pd.DataFrame, LoadReport]:
-    """Read a Kaggle `styles.csv`, rejoining names that hold unquoted commas.
+def read_styles(path: Path, cache_dir: Path = CACHE_DIR) -> tuple[pd.DataFrame, LoadReport]:
+    """Read a Kaggle `styles.csv` through `datasets`, rejoining names that hold unquoted commas.
 
-    The original file has 22 lines where `productDisplayName` (the last column) contains
-    commas without quotes; pandas drops them, we rejoin the extra fields into the name.
+    The original file has 22 lines where `productDisplayName` (the last column) contains commas without quotes;
+    pandas' and `datasets`' CSV readers drop or split them, so `datasets` builds the table from our own tolerant
+    rows (`Dataset.from_generator`, cached as Arrow under `cache_dir`, keyed by the file's bytes).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: point --data_dir at a folder holding styles.csv and images/")
-    # Kaggle's file never quotes: QUOTE_NONE keeps a stray quote from swallowing the following lines
-    rows = csv.reader(io.StringIO(_decode(path.read_bytes(), path)), quoting=csv.QUOTE_NONE)
+    raw = path.read_bytes()
+    text = _decode(raw, path)
+    header = _styles_header(text, path)
+    if any(line.strip() for line in text.splitlines()[1:]):
+        frame = _styles_dataset(path, hashlib.sha256(raw).hexdigest(), header, cache_dir).to_pandas()
+    else:  # a header alone: `datasets` cannot build a table of no rows
+        frame = pd.DataFrame(columns=[*header, REPAIRED])
+    report = LoadReport(data_dir=str(path.parent), rows_read=len(frame),
+                        repaired_names=int(frame[REPAIRED].astype(bool).sum()))
+    frame = frame[COLUMNS].fillna("").apply(lambda col: col.str.strip())
+    return frame, report
+
+
+REPAIRED = "__repaired"  # per row: its name was rejoined from unquoted commas (counted in the report)
+
+
+def _styles_header(text: str, path: Path) -> list[str]:
     try:
-        header = [h.strip() for h in next(rows, [])]
+        header = [h.strip() for h in next(csv.reader(io.StringIO(text), quoting=csv.QUOTE_NONE), [])]
     except csv.Error as err:
         raise DataError(f"{path} is not a readable CSV ({err})") from err
     missing = [c for c in COLUMNS if c not in header]
@@ -112,26 +130,46 @@ def read_styles(path: Path) -> tuple[pd.DataFrame, LoadReport]:
         raise DataError(
             f"{path} lacks the columns {missing}; expected the Kaggle styles.csv header: {','.join(COLUMNS)}"
         )
-    report = LoadReport(data_dir=str(path.parent))
-    width = len(header)
-    name_at = header.index("productDisplayName")
-    records = []
+    return header
+
+
+def _styles_dataset(path: Path, sha256: str, header: list[str], cache_dir: Path):
+    """The rows of `path` as a `datasets.Dataset` of strings (plus REPAIRED), built once per file content."""
+    import datasets
+
+    features = datasets.Features({**{h: datasets.Value("string") for h in header}, REPAIRED: datasets.Value("bool")})
+    rows = {"path": str(path), "sha256": sha256}  # the digest keys the cache: an edited file is read anew
+    try:
+        return datasets.Dataset.from_generator(_styles_rows, features=features, cache_dir=str(cache_dir),
+                                               gen_kwargs=rows)
+    except OSError as err:  # the cache cannot be written (read-only checkout, full disk): build it in memory
+        logger.warning("%s: no Arrow cache in %s (%s); reading it in memory", path, cache_dir, err)
+        return datasets.Dataset.from_list(list(_styles_rows(**rows)), features=features)
+    except datasets.exceptions.DatasetGenerationError as err:
+        if isinstance(err.__cause__, DataError):
+            raise err.__cause__ from None
+        raise DataError(f"{path} could not be read ({type(err.__cause__ or err).__name__}: {err})") from err
+
+
+def _styles_rows(path: str, sha256: str):
+    """Kaggle's rows, one dict each. Kaggle's file never quotes: QUOTE_NONE keeps a stray quote from swallowing
+    the following lines; a row longer than the header has its extra fields rejoined into the name (last)."""
+    del sha256  # the cache key only
+    rows = csv.reader(io.StringIO(_decode(Path(path).read_bytes(), Path(path))), quoting=csv.QUOTE_NONE)
+    header = [h.strip() for h in next(rows)]
+    width, name_at = len(header), header.index("productDisplayName")
     try:
         for fields in rows:
             if not fields:
                 continue
-            report.rows_read += 1
-            if len(fields) > width and name_at == width - 1:
+            repaired = len(fields) > width and name_at == width - 1
+            if repaired:
                 fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
-                report.repaired_names += 1
             fields = (fields + [""] * width)[:width]
             fields[name_at] = _unquote(fields[name_at])
-            records.append(fields)
-    except csv.Error as err:  # e.g. a NUL byte
+            yield {**dict(zip(header, fields)), REPAIRED: repaired}
+    except csv.Error as err:  # e.g. a NUL byte, a stray CR
         raise DataError(f"{path}: line {rows.line_num} is not valid CSV ({err})") from err
-    frame = pd.DataFrame(records, columns=header)[COLUMNS]
-    frame = frame.apply(lambda col: col.str.strip())
-    return frame, report
 
 
 def load_catalog(data_dir: str | Path, require_images: bool = True, columns=None) -> Catalog:

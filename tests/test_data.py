@@ -53,6 +53,28 @@ def test_rows_without_image_name_or_unique_id_are_skipped_and_counted(tmp_path):
     assert catalog.products.loc[1, "productDisplayName"] == "Blue Shirt"
 
 
+def test_the_kaggle_folder_is_read_through_datasets_cached_by_content(tmp_path, caplog):
+    """styles.csv becomes a cached Arrow table (`datasets`); an edited file, even of the same size and time, is
+    read anew; a cache that cannot be written falls back to memory with one warning."""
+    import os
+
+    body = "1,Men,Apparel,Topwear,Shirts,Blue,Fall,2011,Casual,Blue Shirt, Slim Fit\n"
+    root = write_catalog(tmp_path / "c", body, [1])
+    frame, report = read_styles(root / "styles.csv", cache_dir=tmp_path / "cache")
+    assert frame.loc[0, "productDisplayName"] == "Blue Shirt, Slim Fit" and report.repaired_names == 1
+    assert list((tmp_path / "cache").rglob("*.arrow"))  # built by datasets, on disk
+    stat = (root / "styles.csv").stat()
+    (root / "styles.csv").write_text(HEADER + body.replace("Blue Shirt", "Grey Shirt"))
+    os.utime(root / "styles.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    frame, report = read_styles(root / "styles.csv", cache_dir=tmp_path / "cache")
+    assert frame.loc[0, "productDisplayName"] == "Grey Shirt, Slim Fit" and report.repaired_names == 1
+
+    (tmp_path / "not_a_folder").write_text("x")
+    frame, report = read_styles(root / "styles.csv", cache_dir=tmp_path / "not_a_folder" / "cache")
+    assert frame.loc[0, "productDisplayName"] == "Grey Shirt, Slim Fit" and report.rows_read == 1
+    assert "reading it in memory" in caplog.text
+
+
 def test_cp1252_csv_is_read(tmp_path):
     body = "1,Women,Apparel,Topwear,Tops,Pink,Fall,2011,Casual,Caf\u00e9 Women Pink Top\n"
     catalog = load_catalog(write_catalog(tmp_path, body, [1], encoding="cp1252"))
