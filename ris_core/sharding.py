@@ -2,6 +2,7 @@
 
     python -m training.evaluate ...                                     # one process: nothing changes
     accelerate launch --multi_gpu --num_processes 2 -m training.evaluate ...    # two share the image work
+    accelerate launch --cpu --num_processes 2 --mpirun_hostfile training/localhost.hostfile -m training.evaluate ...
 
 The main process runs the evaluation as always, through `ShardedCaptioner`: each `caption_paths` or
 `embed_paths` call is broadcast as an order, every process takes every n-th batch (the same batches one process
@@ -26,11 +27,15 @@ def _distributed():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+# how launchers announce the number of processes: torchrun, OpenMPI / Intel MPI / MVAPICH (accelerate's --cpu)
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def process_count() -> tuple[int, int]:
     """(this process's rank, number of processes), initialising the launcher's process group if there is one.
 
-    Without a launcher (no WORLD_SIZE above 1) nothing is initialised: the dashboard's threads never touch it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    Without a launcher (no world size above 1) nothing is initialised: the dashboard's threads never touch it."""
+    if max(int(os.environ.get(name) or 1) for name in WORLD_SIZE_VARIABLES) <= 1:
         return 0, 1
     import torch
     from accelerate import PartialState

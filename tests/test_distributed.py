@@ -97,7 +97,8 @@ def test_a_kill_of_both_processes_resumes_with_the_same_command(tiny_catalog: Pa
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
 
 
-def test_two_processes_share_the_captioning_and_write_the_same_evaluation_as_one(tiny_run: Path,
+@pytest.mark.parametrize("name", ["cpu", "multi_gpu"])
+def test_two_processes_share_the_captioning_and_write_the_same_evaluation_as_one(name: str, tiny_run: Path,
                                                                                 tiny_catalog: Path, tmp_path: Path):
     """`accelerate launch -m training.evaluate`: the image batches are shared, the files are those of one process."""
     runs = {name: shutil.copytree(tiny_run, tmp_path / name / tiny_run.name, ignore=shutil.ignore_patterns("eval"))
@@ -107,7 +108,7 @@ def test_two_processes_share_the_captioning_and_write_the_same_evaluation_as_one
     one = subprocess.run([sys.executable, "-m", "training.evaluate", "--run", str(runs["one"]), *common], cwd=REPO,
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    evaluate = [a if a != "training.train" else "training.evaluate" for a in LAUNCH]
+    evaluate = [a if a != "training.train" else "training.evaluate" for a in launcher(name)]
     two = subprocess.run([*evaluate, "--run", str(runs["two"]), *common], cwd=REPO, env=ENV, capture_output=True,
                          text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
