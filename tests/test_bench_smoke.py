@@ -55,6 +55,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
             assert browser[f"{page}_repeat_visit"]["content_seconds"] > 0
             assert browser[f"{page}_first_visit"]["js_files"] > 10  # Resource Timing was read from the page
         assert browser["training_curves_first_visit"]["chart_seconds"] > 0
+        cold = browser["search_demo_cold"]  # both uploads were answered on screen (else a TimeoutError)
+        assert cold["upload_after_gallery"]["all_results_seconds"] > 0 < cold["upload_10s_later"]["caption_seconds"]
     assert "benchmark  figure" in done.stdout  # the printed table
 
 
