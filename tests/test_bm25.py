@@ -97,3 +97,19 @@ def test_a_catalog_too_large_for_one_product_is_scored_in_smaller_chunks(demo_in
     monkeypatch.setattr(bm25, "MAX_SCORES", len(demo_index))  # one query per product
     assert [[r.product_id for r in response.results] for response in demo_index.search_many(queries, k=10)] \
         == expected
+
+
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_the_top_k_of_long_rows_is_the_full_sort_s_ties_included(k: int) -> None:
+    """`_best` narrows a long row by the k-th largest of a sample before selecting: the same k as a full sort by
+    (score descending, row ascending), with scores drawn from few values so that ties cross the k-th place."""
+    import numpy as np
+
+    from ris_core.search.bm25 import _best
+
+    rng = np.random.default_rng(0)
+    for n in (k + 1, 64 * k, 20_000):
+        rows = np.sort(rng.choice(100_000, size=n, replace=False))
+        scores = rng.choice(rng.random(40), size=n)  # 40 distinct values: many ties
+        expected = sorted(zip(rows.tolist(), scores.tolist()), key=lambda pair: (-pair[1], pair[0]))[:k]
+        assert _best(rows, scores, k) == expected

@@ -120,11 +120,20 @@ def _best(rows: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float
     if k <= 0 or not len(rows):
         return []
     if len(rows) > k:  # keep every candidate tied with the k-th so the tie-break stays exact
-        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-        keep = scores >= kth
+        keep = scores >= _kth_largest(scores, k)
         rows, scores = rows[keep], scores[keep]
     order = np.lexsort((rows, -scores))[:k]
     return [(int(rows[j]), float(scores[j])) for j in order]
+
+
+def _kth_largest(scores: np.ndarray, k: int, stride: int = 16) -> float:
+    """The k-th largest score. A long row (an OR of common words matches half the catalog) is first cut to the
+    scores at or above the k-th largest of every `stride`-th one: a subset's k-th largest is never above the
+    whole's, so nothing that could reach the top k is dropped, and selecting among the ~stride * k left is cheap."""
+    if len(scores) >= 4 * stride * k:
+        sample = scores[::stride]
+        scores = scores[scores >= np.partition(sample, len(sample) - k)[len(sample) - k]]
+    return scores[np.argpartition(scores, len(scores) - k)[len(scores) - k]]
 
 
 def _tokenizer_connection(tokenizer: str) -> sqlite3.Connection:
