@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,14 @@ from ris_core.runs import RESULTS_DIR, Run, discover_runs
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = RESULTS_DIR / "runs" / "reference-cpu"
 FULL_SMALL = REPO.parent / "shared" / "data" / "fashion-product-images-small"  # all 44,441 products, 60x80 px
+
+
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """A probe's command line: its docstring's first line, `--run` and `--data_dir` (the whole small dataset)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--data_dir", type=Path, default=FULL_SMALL)
+    return parser
 
 
 def reference_run() -> tuple[Run | None, str]:

@@ -9,13 +9,13 @@ chunk). Prints the seconds per strategy (best of `--repeats`), the matrix build 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from bench.common import probe_parser
 from ris_core.data import Split, load_catalog
 from ris_core.search.catalog import CatalogIndex
 from ris_core.strategies import STRATEGIES
@@ -43,9 +43,7 @@ def probe(run: Path, data_dir: Path, repeats: int = 3) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--data_dir", type=Path, default=Path("../shared/data/fashion-product-images-small"))
+    parser = probe_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     print(json.dumps(probe(args.run, args.data_dir, args.repeats), indent=1))

@@ -9,11 +9,11 @@ path took (side by side on the same photos; the encoder is included in both).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+from bench.common import probe_parser
 from ris_core.data import Split, load_catalog
 from ris_core.encoder_decoder import Captioner
 from ris_core.images import open_image
@@ -43,9 +43,7 @@ def probe(run: Path, data_dir: Path, beam_images: int = 1008, num_beams: int = 5
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--data_dir", type=Path, default=Path("../shared/data/fashion-product-images-small"))
+    parser = probe_parser(__doc__)
     parser.add_argument("--beam_images", type=int, default=1008)
     args = parser.parse_args(argv)
     print(json.dumps(probe(args.run, args.data_dir, args.beam_images), indent=1))
