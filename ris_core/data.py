@@ -94,6 +94,9 @@ def _unquote(name: str) -> str:
     return name
 
 
+REPAIRED = "__repaired"  # per row: its name was rejoined from unquoted commas (counted in the report)
+
+
 def read_styles(path: Path, cache_dir: Path = CACHE_DIR) -> tuple[pd.DataFrame, LoadReport]:
     """Read a Kaggle `styles.csv` through `datasets`, rejoining names that hold unquoted commas.
 
@@ -115,9 +118,6 @@ def read_styles(path: Path, cache_dir: Path = CACHE_DIR) -> tuple[pd.DataFrame, 
                         repaired_names=int(frame[REPAIRED].astype(bool).sum()))
     frame = frame[COLUMNS].fillna("").apply(lambda col: col.str.strip())
     return frame, report
-
-
-REPAIRED = "__repaired"  # per row: its name was rejoined from unquoted commas (counted in the report)
 
 
 def _styles_header(text: str, path: Path) -> list[str]:
