@@ -19,11 +19,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 
 # A local, single-user dashboard: the sidebar may open any folder (RIS_OPEN_FOLDERS=1).
 run: install
-	RIS_OPEN_FOLDERS=1 $(VENV)/bin/streamlit run dashboard.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+	RIS_OPEN_FOLDERS=1 $(PY) -m ris_app.serve --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
 # A shared server: visitors open only the operator's folders (RIS_RUNS_DIRS, RIS_DATA_DIR, RIS_DATA_DIRS).
 serve: install
-	RIS_OPEN_FOLDERS=0 $(VENV)/bin/streamlit run dashboard.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+	RIS_OPEN_FOLDERS=0 $(PY) -m ris_app.serve --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
 test: install
 	$(PY) -m pytest -q

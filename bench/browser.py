@@ -15,7 +15,10 @@ precomputed files (`data/demo/precomputed/`, what a fresh clone has) and once wi
 without them (the page captions, reranks and embeds the catalog itself); on the first server, then, the first
 upload of a photo no cache has seen at once (`upload_after_gallery`: the captioner may still be loading) and of
 another 10 s later (`upload_10s_later`: the time a user takes to pick a file): seconds until its caption, and until
-its whole run (results, reranked caption, every column) has finished.
+its whole run (results, reranked caption, every column) has finished. Servers start as `make run` starts them
+(`python -m ris_app.serve`: torch imported before the server listens; `*_startup_seconds` until healthy);
+`plain_streamlit_run` repeats the gallery and the upload at once under a plain `streamlit run dashboard.py`, whose
+sessions import torch themselves (the old path).
 Navigation Timing splits a visit into the HTML/JS load (`dom_content_loaded`) and what follows (the websocket,
 the script run, React rendering). Needs Debian's chromium + chromium-driver; skipped (not failed) without them.
 """
@@ -60,24 +63,29 @@ def _free_port() -> int:
 
 @contextmanager
 def streamlit_server(env: dict[str, str] | None = None, log_path: Path | None = None, timeout: float = 60,
-                     checkout: Path = REPO):
-    """`streamlit run dashboard.py` (of `checkout`: this one, or e.g. a `git worktree` of an older commit) on a free
-    port, in a temporary working directory (DuckDuckGo's cache lands there); yields its URL once healthy. Always
-    stopped; with `log_path`, its output is kept there."""
+                     checkout: Path = REPO, preload: bool = True, timings: dict | None = None):
+    """The dashboard of `checkout` (this one, or e.g. a `git worktree` of an older commit) on a free port, started
+    as `make run` starts it (`python -m ris_app.serve`: torch imported before the server listens) or, with
+    `preload=False` (or a checkout without that launcher), by a plain `streamlit run dashboard.py`; in a
+    temporary working directory (DuckDuckGo's cache lands there); yields its URL once healthy. Always stopped;
+    with `log_path`, its output is kept there; `timings["startup_seconds"]`: from start until healthy."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="ris-streamlit-") as cwd, \
             open(log_path or os.devnull, "w") as log:
+        launcher = (["-m", "ris_app.serve"] if preload and (checkout / "ris_app" / "serve.py").is_file()
+                    else ["-m", "streamlit", "run", str(checkout / "dashboard.py")])
+        started = time.monotonic()
         server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(checkout / "dashboard.py"), "--server.headless", "true",
-             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+            [sys.executable, *launcher, "--server.headless", "true", "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
              "--server.fileWatcherType", "none"],
             cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                           "PYTHONPATH": str(checkout), **(env or {})},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
-            deadline = time.monotonic() + timeout
+            deadline = started + timeout
             while True:
                 if server.poll() is not None:
                     raise RuntimeError(f"streamlit exited with code {server.returncode} before it was healthy")
@@ -88,6 +96,8 @@ def streamlit_server(env: dict[str, str] | None = None, log_path: Path | None = 
                         break
                 except OSError:
                     time.sleep(0.2)
+            if timings is not None:
+                timings["startup_seconds"] = round(time.monotonic() - started, 2)
             yield base
         finally:
             if server.poll() is None:
@@ -196,15 +206,26 @@ def search_demo_cold() -> dict:
         for photo, source in zip(photos, sorted((DEFAULT_DATA_DIR / "images").glob("*.jpg"))[-2:], strict=True):
             Image.open(source).convert("RGB").save(photo)
         for name, data_dir in (("shipped_files", DEFAULT_DATA_DIR), ("without_shipped_files", bare)):
-            with streamlit_server(env={"RIS_DATA_DIR": str(data_dir)}) as base, chromium() as driver:
+            timings: dict = {}
+            with streamlit_server(env={"RIS_DATA_DIR": str(data_dir)}, timings=timings) as base, \
+                    chromium() as driver:
+                out[f"{name}_startup_seconds"] = timings["startup_seconds"]
                 # without the shipped files the page embeds the 2,600 catalog images first (a minute or more here)
                 out[f"{name}_seconds"] = results_on_screen(driver, f"{base}/search_demo",
                                                            timeout=180 if name == "shipped_files" else 600)
                 if name == "shipped_files":  # then the first upload on that server, at once (the worst case:
-                    # the captioner is still loading), and another after the time a user takes to pick a file
+                    # the captioner may still be loading), and another after the time a user takes to pick a file
                     out["upload_after_gallery"] = upload_on_screen(driver, photos[0])
                     time.sleep(UPLOAD_PAUSE_SECONDS)
                     out[f"upload_{UPLOAD_PAUSE_SECONDS}s_later"] = upload_on_screen(driver, photos[1])
+        # the old path beside it: a plain `streamlit run`, whose first upload also waits for torch's import
+        timings = {}
+        with streamlit_server(env={"RIS_DATA_DIR": str(DEFAULT_DATA_DIR)}, preload=False, timings=timings) as base, \
+                chromium() as driver:
+            plain = {"startup_seconds": timings["startup_seconds"],
+                     "shipped_files_seconds": results_on_screen(driver, f"{base}/search_demo")}
+            plain["upload_after_gallery"] = upload_on_screen(driver, photos[0])
+        out["plain_streamlit_run"] = plain
     return out
 
 

@@ -86,11 +86,18 @@ FUNCTIONS = {"machine": bench_machine, "captioning": bench_captioning, "training
              "browser": bench_browser, "load": bench_load}
 
 
+def _flat(figures: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every figure, nested ones included (a page's per-page details excepted)."""
+    out = []
+    for key, value in figures.items():
+        if key in ("traceback", "per_page"):
+            continue
+        out += _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+    return out
+
+
 def table(results: dict) -> str:
-    rows = [(name, key, value) for name, figures in results.items() for key, value in figures.items()
-            if key != "traceback" and not isinstance(value, dict)]
-    rows += [(name, f"{key}.{sub}", value) for name, figures in results.items() for key, nested in figures.items()
-             if isinstance(nested, dict) and key != "per_page" for sub, value in nested.items()]
+    rows = [(name, key, value) for name, figures in results.items() for key, value in _flat(figures)]
     width = max(len(f"{a}  {b}") for a, b, _ in rows)
     lines = [f"{'benchmark  figure':<{width}}  value", "-" * (width + 30)]
     lines += [f"{f'{a}  {b}':<{width}}  {c}" for a, b, c in rows]

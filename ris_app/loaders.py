@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -225,7 +226,8 @@ def captioner(run: Run) -> ImageCaptioner:
     return _captioner(*run_key(run))
 
 
-WARM_DELAY_SECONDS = 3.0
+WARM_DELAY_SECONDS = 3.0  # importing torch holds the GIL: let the server send the painted page first
+PRELOADED_WARM_DELAY_SECONDS = 0.5  # torch already imported (`python -m ris_app.serve`): only the weights remain
 _warming: set[Key] = set()
 _warming_lock = threading.Lock()
 
@@ -240,8 +242,10 @@ def warm_captioner(run: Run) -> None:
             return
         _warming.add(key)
 
+    delay = PRELOADED_WARM_DELAY_SECONDS if "ris_core.captioner" in sys.modules else WARM_DELAY_SECONDS
+
     def load() -> None:
-        time.sleep(WARM_DELAY_SECONDS)  # importing torch holds the GIL: let the server send the painted page first
+        time.sleep(delay)
         try:
             _captioner(*key)
         except Exception:  # a broken checkpoint: the upload's own call shows the message

@@ -944,3 +944,30 @@ def test_the_demo_warms_the_captioner_once_in_the_background(runs_root, monkeypa
             thread.join(timeout=120)
     assert len(calls) == 1
     assert loaders.captioner(run) is loaders.captioner(run) and len(calls) == 1  # the page's call finds it loaded
+
+
+def test_the_server_launcher_imports_the_captioning_stack_then_runs_the_dashboard(monkeypatch):
+    """`make run` = `python -m ris_app.serve`: torch and the model code are imported before streamlit starts,
+    so no session pays for it, and the options reach `streamlit run dashboard.py` untouched."""
+    import sys
+
+    from streamlit.web import cli
+
+    from ris_app import serve
+
+    seen: dict = {"order": []}
+    real_preload = serve.preload
+
+    def fake_main() -> int:
+        seen["order"].append("streamlit")
+        seen["argv"] = list(sys.argv)
+        return 0
+
+    monkeypatch.setattr(serve, "preload", lambda: seen["order"].append("preload") or real_preload())
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(sys, "argv", ["serve"])
+    assert serve.main(["--server.port", "8600", "--server.headless", "true"]) == 0
+    assert seen["argv"] == ["streamlit", "run", str(serve.DASHBOARD), "--server.port", "8600",
+                            "--server.headless", "true"]
+    assert seen["order"] == ["preload", "streamlit"] and serve.DASHBOARD.is_file()
+    assert {"torch", "transformers", "ris_core.captioner"} <= set(sys.modules)
