@@ -50,8 +50,10 @@ EVENT = "RIS_LOAD_EVENT"  # the server process prints one such line per expensiv
 
 
 def serve(port: int) -> None:
-    """Run `streamlit run dashboard.py` in this process, counting the expensive loads on stderr."""
+    """Run the dashboard in this process as `make serve` does (`ris_app.serve`), counting the expensive loads on
+    stderr."""
     sys.path.insert(0, str(REPO))
+    from ris_app.serve import preload
     from ris_core import data
     from ris_core.captioner import Captioner
     from ris_core.search.catalog import CatalogIndex
@@ -72,6 +74,7 @@ def serve(port: int) -> None:
     import ris_app.loaders
 
     ris_app.loaders.load_catalog = data.load_catalog
+    preload()
     from streamlit.web import cli
 
     sys.argv = ["streamlit", "run", str(DASHBOARD), "--server.address", HOST, "--server.port", str(port),

@@ -10,7 +10,7 @@ from ris_app.charts import bleu_histogram, category_figure, export
 from ris_app.guards import require_run
 from ris_app.share import Param, link, publish, restore
 from ris_app.sidebar import sidebar
-from ris_app.widgets import image_card, job_progress, md, say, short
+from ris_app.widgets import csv_download, image_card, job_progress, md, say, short
 from ris_core.errors import DataError, RisError
 from ris_core.evaluation.categories import GROUPINGS
 from ris_core.rerank import describe as describe_rerank
@@ -232,9 +232,8 @@ if categories is not None:
             for category in worst:
                 st.button(f"Show {category} samples", key=f"quality_worst_{category}", on_click=show_samples,
                           args=(category,), icon=":material/arrow_downward:")
-        st.download_button("Download per-category table (CSV)", categories.to_csv(index=False).encode(),
-                           file_name=f"{run.name}-by-{by}-{column}.csv", mime="text/csv",
-                           key="quality_category_download", icon=":material/download:")
+        csv_download("Download per-category table (CSV)", categories, f"{run.name}-by-{by}-{column}.csv",
+                     key="quality_category_download")
     if by == "articleType":
         confusions = loaders.article_confusions(run, choice.data_dir, column)
         if confusions is not None and not confusions.empty:
@@ -291,6 +290,5 @@ st.dataframe(
 )
 if len(subset) == 0:
     st.info("No product matches these filters; clear one to see more.")
-st.download_button("Download captions CSV", captions.to_csv(index=False).encode(), key="quality_download",
-                   file_name=f"{run.name}-captions.csv", mime="text/csv", icon=":material/download:")
+csv_download("Download captions CSV", captions, f"{run.name}-captions.csv", key="quality_download")
 link(publish(SHARED, {"run": run.name}), "caption_quality")

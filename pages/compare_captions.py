@@ -10,7 +10,7 @@ import streamlit as st
 from ris_app import loaders
 from ris_app.share import Param, link, publish, restore
 from ris_app.sidebar import sidebar
-from ris_app.widgets import md, show_image
+from ris_app.widgets import csv_download, md, show_image
 from ris_core.caption_compare import FILTERS, System, compare_table, decodings_in, only, summary, word_diff
 
 PAGE_SIZE = 20
@@ -31,9 +31,16 @@ def marked(reference: str, caption: str) -> str:
     return " ".join(parts)
 
 
-@st.cache_data(show_spinner="Scoring the captions…", max_entries=16)
+@st.cache_resource(show_spinner="Scoring the captions…", max_entries=16)  # shared and read-only: views filter it
 def _table(keys: tuple, _frames: tuple) -> pd.DataFrame:
     return compare_table({System(run, decoding): frame for (run, decoding, _), frame in zip(keys, _frames)})
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _scores(keys: tuple, keep: str, subset: str, types: tuple, _view: pd.DataFrame) -> pd.DataFrame:
+    """`summary` of the view these choices give: corpus BLEU over thousands of captions took most of a busy
+    server's time for this page, so it is computed once per choice of captions and filters, not per visit."""
+    return summary(_view, [System(run, decoding) for run, decoding, _ in keys])
 
 
 choice = sidebar(multi=True)
@@ -101,7 +108,7 @@ if SUBSETS[subset_name] is not None and "seen" in view:
 if chosen_types:
     view = view[view["articleType"].astype(str).isin(chosen_types)]
 
-scores = summary(view, systems)
+scores = _scores(keys, keep, subset_name, tuple(chosen_types), view)
 st.dataframe(scores, hide_index=True, key="compare_summary", column_config={
     "BLEU-4": st.column_config.NumberColumn("BLEU-4 (corpus)", format="%.1f"),
     "CIDEr-D": st.column_config.NumberColumn("CIDEr-D (mean)", format="%.2f"),
@@ -151,5 +158,4 @@ else:
 
 link(publish(SHARED, {"runs": [r.name for r in choice.runs]}), "compare_captions")
 name = "-".join(runs_used) + f"-{keep}"
-st.download_button("Download these products (CSV)", view.to_csv(index=False).encode(), key="compare_download",
-                   file_name=f"{name}-captions-compared.csv", mime="text/csv", icon=":material/download:")
+csv_download("Download these products (CSV)", view, f"{name}-captions-compared.csv", key="compare_download")

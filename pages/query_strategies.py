@@ -12,7 +12,7 @@ from ris_app.charts import METRIC_LABELS, export, precision_curve_figure, strate
 from ris_app.guards import require_run
 from ris_app.share import Param, flag, link, publish, restore
 from ris_app.sidebar import sidebar
-from ris_app.widgets import md, refine_controls, refined_grid, result_grid, say, show_image
+from ris_app.widgets import csv_download, md, refine_controls, refined_grid, result_grid, say, show_image
 from ris_core.errors import CheckpointError, DataError, ImageError, RunError
 from ris_core.metrics import RELEVANCE_DESCRIPTIONS, RELEVANCE_LEVELS
 from ris_core.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS
@@ -216,9 +216,8 @@ else:
         column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("MRR", "nDCG@10")})
     right.caption(f"Bands: 95% bootstrap intervals over the same queries, at {level}. The curve at k = 1, 5, 10 is "
                   "the table's P@1, P@5, P@10, recomputed from each query's stored top 10.")
-    right.download_button("Download the curves (CSV)", curves.to_csv(index=False).encode(), icon=":material/download:",
-                          file_name=f"{run.name}-precision-at-k-{level}-{products_shown}.csv", mime="text/csv",
-                          key="strategies_pk_download")
+    csv_download("Download the curves (CSV)", curves, f"{run.name}-precision-at-k-{level}-{products_shown}.csv",
+                 key="strategies_pk_download", container=right)
 
 table = rows[["strategy", "source", "n", *METRICS, "zero_hit"]].rename(columns=METRIC_LABELS)
 st.dataframe(table, hide_index=True, key="strategies_table",

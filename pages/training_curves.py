@@ -8,7 +8,7 @@ from ris_app.charts import Curve, best_epoch, curves_figure, export
 from ris_app.history_io import flag_implausible, parse_history
 from ris_app.share import Param, flag, link, publish, restore
 from ris_app.sidebar import sidebar
-from ris_app.widgets import md
+from ris_app.widgets import csv_download, md
 from ris_core.errors import RunError
 from ris_core.runs import differing_arguments
 
@@ -118,6 +118,5 @@ table = pd.concat([c.history.assign(run=c.label) for c in curves], ignore_index=
 table = table[["run", *[c for c in table.columns if c != "run"]]]
 st.dataframe(table, hide_index=True, key="curves_table", height=min(400, 38 + 35 * len(table)))
 names = "-".join(c.label for c in curves[:3]) + ("-and-more" if len(curves) > 3 else "")
-st.download_button("Download CSV", table.to_csv(index=False).encode(), file_name=f"{names}-history.csv",
-                   mime="text/csv", key="curves_download", icon=":material/download:")
+csv_download("Download CSV", table, f"{names}-history.csv", key="curves_download")
 link(publish(SHARED, {"runs": [run.name for run in choice.runs]}), "training_curves")

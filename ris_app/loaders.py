@@ -1,4 +1,4 @@
-"""Cached loaders: models and indexes with `st.cache_resource`, tables with `st.cache_data`.
+"""Cached loaders: models, indexes and evaluations with `st.cache_resource`, other tables with `st.cache_data`.
 
 Every loader is keyed by the path it reads plus a stamp (file modification times), so a retrained model or
 a new evaluation is picked up on the next rerun while switching pages never reloads anything. Errors
@@ -125,7 +125,9 @@ def catalog(data_dir: Path) -> Catalog:
     return _catalog(*data_key(data_dir))
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+# one shared copy per server, not a copy per page view: unpickling its tables (the per-query rankings run to
+# hundreds of thousands of rows) took a tenth of a busy server's time. Read-only: pages filter into new frames.
+@st.cache_resource(show_spinner=False, max_entries=32)
 def _evaluation(eval_dir: str, version: tuple[int, ...]) -> Evaluation:
     return read_evaluation(Path(eval_dir))
 

@@ -1,5 +1,5 @@
-"""Small reusable views: an image card, a grid of search results with relevance marks, a short text, and the
-result-refinement controls and its before/after view."""
+"""Small reusable views: an image card, a grid of search results with relevance marks, a short text, a CSV
+download, and the result-refinement controls and its before/after view."""
 
 from __future__ import annotations
 
@@ -51,6 +51,13 @@ def show_image(source: str, width: int = CARD_WIDTH) -> None:
         st.caption("(image unavailable)")
     else:
         st.image(data, width=width)
+
+
+def csv_download(label: str, frame: pd.DataFrame, file_name: str, key: str, container=st) -> None:
+    """A download button for `frame` as CSV, written when clicked: on every page view it cost a busy server
+    more than the rest of the page (thousands of rows)."""
+    container.download_button(label, lambda: frame.to_csv(index=False).encode(), file_name=file_name,
+                              mime="text/csv", key=key, icon=":material/download:")
 
 
 def image_card(source: str, lines: list[str], width: int = CARD_WIDTH) -> None:

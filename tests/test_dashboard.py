@@ -971,3 +971,20 @@ def test_the_server_launcher_imports_the_captioning_stack_then_runs_the_dashboar
                             "--server.headless", "true"]
     assert seen["order"] == ["preload", "streamlit"] and serve.DASHBOARD.is_file()
     assert {"torch", "transformers", "ris_core.captioner"} <= set(sys.modules)
+
+
+def test_an_evaluation_is_read_once_and_shared_not_copied_per_view(runs_root):
+    """Pages share one read-only copy of an evaluation's tables (a copy per view made a busy server unpickle
+    hundreds of thousands of rows each time); a new evaluation is still picked up."""
+    import os
+
+    from ris_app import loaders
+    from ris_core.runs import Run
+
+    run = Run(runs_root / "evaluated")
+    first = loaders.evaluation(run)
+    assert first.retrieval is not None and loaders.evaluation(run) is first
+    metrics = run.eval_dir / "caption_metrics.json"
+    stamp = metrics.stat().st_mtime_ns + 10**9
+    os.utime(metrics, ns=(stamp, stamp))  # as a re-evaluation would
+    assert loaders.evaluation(run) is not first
