@@ -6,10 +6,10 @@ Importing torch and transformers takes ~4 s on 2 cores and holds the GIL: done i
 session's first upload (and every page served meanwhile). A server pays it once here, at start, as model servers
 load before they report ready.
 
-Streamlit runs a full garbage collection after every script run (`runner.postScriptGC`). Over the millions of
-objects those libraries create at import it took over half of a busy server's CPU (`bench/load_dashboard.py`);
-`gc.freeze()` moves them to a generation the collector never scans (they live as long as the server anyway), so
-each collection only walks what the pages created since. `streamlit run dashboard.py` still works, without either.
+The millions of objects those libraries create at import live as long as the server: `gc.freeze()` moves them
+to a generation the garbage collector never scans, so its collections walk only what the pages made since (a full
+collection after every script run, Streamlit's default, took over half of a busy server's CPU; it is off in
+`.streamlit/config.toml`). `streamlit run dashboard.py` still works, without either.
 """
 
 from __future__ import annotations
