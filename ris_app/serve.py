@@ -31,6 +31,9 @@ PRELOADED = ("ris_core.captioner", "ris_app.loaders", "ris_app.charts", "ris_app
              "ris_core.hybrid", "ris_core.search.image_knn", "ris_core.search.web")
 
 
+SERVER_FLAGS = ("--runner.postScriptGC", "false")  # see .streamlit/config.toml
+
+
 def preload() -> float:
     """Import `PRELOADED`, then freeze every object alive out of the collector's scans; returns the seconds."""
     started = time.perf_counter()
@@ -51,7 +54,8 @@ def main(argv: list[str]) -> int:
     logger.info("imported torch, transformers and the pages' libraries before serving: %.1f s", preload())
     from streamlit.web import cli
 
-    sys.argv = ["streamlit", "run", str(DASHBOARD), *argv]
+    # also from another working directory (whose .streamlit/config.toml Streamlit reads); a later flag overrides it
+    sys.argv = ["streamlit", "run", str(DASHBOARD), *SERVER_FLAGS, *argv]
     return cli.main()
 
 

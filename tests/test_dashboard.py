@@ -967,8 +967,8 @@ def test_the_server_launcher_imports_the_captioning_stack_then_runs_the_dashboar
     monkeypatch.setattr(cli, "main", fake_main)
     monkeypatch.setattr(sys, "argv", ["serve"])
     assert serve.main(["--server.port", "8600", "--server.headless", "true"]) == 0
-    assert seen["argv"] == ["streamlit", "run", str(serve.DASHBOARD), "--server.port", "8600",
-                            "--server.headless", "true"]
+    assert seen["argv"] == ["streamlit", "run", str(serve.DASHBOARD), "--runner.postScriptGC", "false",
+                            "--server.port", "8600", "--server.headless", "true"]
     assert seen["order"] == ["preload", "streamlit"] and serve.DASHBOARD.is_file()
     assert {"torch", "transformers", "ris_core.captioner"} <= set(sys.modules)
 
