@@ -70,3 +70,22 @@ def test_resolution_probe_compares_the_same_held_out_products_at_two_sizes(tiny_
     (tmp_path / "elsewhere" / "images").mkdir(parents=True)
     with pytest.raises(SystemExit, match="none of the 32 held-out products"):
         probe(tiny_run, tiny_catalog, tmp_path / "elsewhere")
+
+
+def test_attribute_votes_weigh_neighbours_and_correct_only_gender_and_colour_words():
+    import numpy as np
+    import pandas as pd
+
+    from bench.probe_attribute_votes import corrected, votes
+    from ris_core.search.image_knn import ImageKnnIndex
+
+    index = ImageKnnIndex([1, 2, 3], np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), ["a", "b", "c"], ["x"] * 3)
+    gender = pd.Series({1: "Women", 2: "Men", 3: "Men"})
+    winners, shares = votes(index, np.array([[1.0, 0.0]]), gender, k=2)  # products 1 and 2, nearly as close
+    assert winners == ["Women"] and 0.5 < shares[0] < 0.51
+    colours = ["Navy Blue", "Blue", "Red"]
+    assert corrected("Nike Men Navy Blue Shirt", "Women", 0.9, "Red", 0.9, colours, 0.8, 0.8) == \
+        "Nike Women Red Shirt"
+    assert corrected("Nike Men Blue Shirt", "Women", 0.7, "Red", 0.7, colours, 0.8, 0.8) == "Nike Men Blue Shirt"
+    assert corrected("Menthol Bluetooth Kit", "Women", 1.0, "Red", 1.0, colours, 0.0, 0.0) == \
+        "Menthol Bluetooth Kit"  # whole words only

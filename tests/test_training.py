@@ -292,6 +292,64 @@ def test_training_with_a_folder_of_larger_photos(tiny_catalog: Path, tmp_path: P
     assert refused.returncode != 0 and "none of the" in refused.stderr.strip().splitlines()[-1]
 
 
+def test_training_with_jittered_views(tiny_catalog: Path, tmp_path: Path):
+    args = tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", epochs=1)
+    done = run_cli([*args, "--jitter_views", "2"], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    n_train = len(json.loads((tmp_path / "runs" / "tiny" / "split.json").read_text())["train_ids"])
+    assert f"jittered views: {n_train} of {n_train} training products, 2 views" in done.stderr
+    assert len(list((tmp_path / "cache" / "features").glob("*-jitter[01].safetensors"))) == 2
+    info = json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())
+    assert info["args"]["jitter_views"] == 2 and info["status"] == "complete"
+    refused = run_cli([*args, "--jitter_views", "1", "--cache_features", "false", "--run_name", "other"])
+    assert refused.returncode != 0 and "--jitter_views works on cached" in refused.stderr
+
+
+def test_jitter_is_a_seeded_crop_rescale_and_mirror_that_keeps_most_of_the_photo():
+    import numpy as np
+
+    from training.data import JITTER_AREA, JITTER_MARGIN, jitter
+
+    photo = Image.new("RGB", (60, 80), (255, 255, 255))
+    photo.paste((200, 0, 0), (0, 0, 30, 80))  # left half red: a mirror shows on the right
+    draws = [jitter(photo, np.random.default_rng(seed)) for seed in range(40)]
+    again = [jitter(photo, np.random.default_rng(seed)) for seed in range(40)]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(draws, again))  # the same view every time
+    assert len({d.size for d in draws}) > 10  # framings differ
+    for d in draws:  # never more than the margin added, never less than the smallest crop keeps
+        assert d.width * d.height <= 60 * 80 * (1 + JITTER_MARGIN) ** 2 + 200
+        assert d.width * d.height >= 60 * 80 * JITTER_AREA[0] * 0.8
+    red_on_right = [np.asarray(d)[:, -3:, 1].mean() < 100 for d in draws]
+    assert 8 < sum(red_on_right) < 32  # about half are mirrored
+    tiny = jitter(Image.new("RGB", (1, 1)), np.random.default_rng(0))  # a 1-px photo still gives an image
+    assert tiny.width >= 1 and tiny.height >= 1
+
+
+def test_jittered_views_replace_a_share_of_the_rows_and_are_not_mirrored_again():
+    from training.data import CaptionDataset, JitteredViews, make_collator
+
+    n = 400
+    mid, final = torch.zeros(n, 2, 3, 4), torch.zeros(n, 5, 2, 2)
+    mid_m, final_m = torch.full((n, 2, 3, 4), 2.0), torch.full((n, 5, 2, 2), 2.0)
+    views = [(torch.full((300, 2, 3, 4), 10.0 + v) + torch.arange(300.0).view(300, 1, 1, 1) * 100,
+              torch.full((300, 5, 2, 2), 10.0 + v)) for v in range(2)]
+    row = torch.tensor([i if i < 300 else -1 for i in range(n)])
+    data = CaptionDataset([[1]] * n, maps=(mid, final), mirrored_maps=(mid_m, final_m),
+                          jittered=JitteredViews(row, views, p=0.5))
+    torch.manual_seed(0)
+    items = [data[i] for i in range(n)]
+    shown = [bool(it["final"].max() >= 10) for it in items]
+    assert not any(shown[300:]) and 100 < sum(shown[:300]) < 200
+    used = {int(it["final"].max()) - 10 for it in items if it["final"].max() >= 10}
+    assert used == {0, 1}  # both views are drawn
+    for i, it in enumerate(items):
+        if shown[i]:  # the product's own row of the view, both scales from the same view
+            v = int(it["final"].max()) - 10
+            assert torch.equal(it["mid"], views[v][0][i]) and torch.equal(it["mid_mirrored"], it["mid"])
+    batch = make_collator(ModelSpec(), flip_p=1.0)([items[i] for i in range(300) if shown[i]])
+    assert bool((batch["final"] >= 10).all())  # a flip keeps a jittered view as it was drawn
+
+
 def test_flip_augmentation_swaps_in_mirrored_maps_for_a_share_of_the_training_batch():
     from training.data import make_collator
 

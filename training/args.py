@@ -94,6 +94,10 @@ class DataArguments:
                 "instead, with chance --larger_images_p, so the captioner stops depending on the input's size"})
     larger_images_p: float = field(default=0.5, metadata={
         "help": "chance of showing a training product's larger photo, when --larger_images_dir has one"})
+    jitter_views: int = field(default=0, metadata={
+        "help": "seeded random crops, rescalings and mirrorings of every training image to extract and cache "
+                "(each view costs one more map extraction); a training row is shown from one with --jitter_p"})
+    jitter_p: float = field(default=0.4, metadata={"help": "chance of showing a jittered view, with --jitter_views"})
 
 
 @dataclass
@@ -140,6 +144,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise SystemExit(f"error: --split_by must be one of {', '.join(SPLIT_BY)}, not {data_args.split_by!r}")
     if not 0.0 <= data_args.larger_images_p <= 1.0:
         raise SystemExit(f"error: --larger_images_p must be in [0, 1], not {data_args.larger_images_p}")
+    if not 0.0 <= data_args.jitter_p <= 1.0:
+        raise SystemExit(f"error: --jitter_p must be in [0, 1], not {data_args.jitter_p}")
+    if data_args.jitter_views < 0:
+        raise SystemExit(f"error: --jitter_views must be 0 or more, not {data_args.jitter_views}")
+    if data_args.jitter_views and not run_args.cache_features:
+        raise SystemExit("error: --jitter_views works on cached encoder maps; drop --cache_features false")
     if data_args.larger_images_dir and not run_args.cache_features:
         raise SystemExit("error: --larger_images_dir works on cached encoder maps; drop --cache_features false")
     if run_args.cache_features and model_args.encoder != "mobilenet_v2":

@@ -40,14 +40,22 @@ from ris_core.precision import fast_bf16
 from ris_core.runs import RunError, git_commit, upsert_history_row
 from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions
 from training.args import default_run_name, model_spec, parse_args
-from training.data import CaptionDataset, LargerPhotos, cached_backbone_maps, decode_images, make_collator
+from training.data import (
+    CaptionDataset,
+    JitteredViews,
+    LargerPhotos,
+    cached_backbone_maps,
+    decode_images,
+    make_collator,
+)
 
 logger = logging.getLogger("training.train")
 # fields that may differ between the command that started a run and the one that resumes it
 RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name", "report_to"}
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder, with --report_to tensorboard
 # arguments added after runs were already recorded, with the value those older runs implicitly used
-ADDED_SINCE = {"flip_p": 0.0, "split_by": "product", "larger_images_dir": None, "larger_images_p": 0.5}
+ADDED_SINCE = {"flip_p": 0.0, "split_by": "product", "larger_images_dir": None, "larger_images_p": 0.5,
+               "jitter_views": 0, "jitter_p": 0.4}
 
 
 class TrainableCaptioner(VisionEncoderDecoderModel):
@@ -304,6 +312,10 @@ def main(argv: list[str] | None = None) -> Path:
     if data_args.larger_images_dir:
         with processes.main_process_first():
             larger = larger_photo_maps(model, catalog, split.train_ids, spec, data_args)
+    jittered = None
+    if data_args.jitter_views:
+        with processes.main_process_first():
+            jittered = jittered_maps(model, catalog, split.train_ids, spec, data_args)
 
     # 5. Tokenize captions (GPT-2 BPE + EOS) and assemble the datasets
     names = catalog.products["productDisplayName"]
@@ -319,8 +331,12 @@ def main(argv: list[str] | None = None) -> Path:
         if augment and larger is not None:
             views = LargerPhotos(torch.tensor([larger["row_of"].get(i, -1) for i in split_ids]), larger["maps"],
                                  larger["mirrored"], data_args.larger_images_p)
+        shifted = None
+        if augment and jittered is not None:
+            shifted = JitteredViews(torch.tensor([jittered["row_of"].get(i, -1) for i in split_ids]),
+                                    jittered["views"], data_args.jitter_p)
         return CaptionDataset(labels, maps=(maps["mid"][rows], maps["final"][rows]), spec=spec,
-                              mirrored_maps=flipped, larger=views)
+                              mirrored_maps=flipped, larger=views, jittered=shifted)
 
     train_set, val_set = dataset(split.train_ids, augment=True), dataset(split.val_ids)
     if run_args.output_shortlist:
@@ -405,6 +421,20 @@ def larger_photo_maps(model, catalog, train_ids: list[int], spec, data_args) -> 
                 len(train_ids), data_args.larger_images_p)
     return {"row_of": {int(pid): r for r, pid in enumerate(maps["ids"].tolist())},
             "maps": (maps["mid"], maps["final"]), "mirrored": mirrored}
+
+
+def jittered_maps(model, catalog, train_ids: list[int], spec, data_args) -> dict:
+    """Cached maps of --jitter_views seeded random crops/rescalings/mirrorings of the training images."""
+    views, ids = [], None
+    for seed in range(data_args.jitter_views):
+        maps, _ = cached_backbone_maps(model, catalog, train_ids, spec, Path(data_args.cache_dir), jitter_seed=seed)
+        if ids is not None and not torch.equal(ids, maps["ids"]):  # the same files: only a changed disk does this
+            raise DataError(f"jittered view {seed} holds other products than view 0; clear {data_args.cache_dir}")
+        ids = maps["ids"]
+        views.append((maps["mid"], maps["final"]))
+    logger.info("jittered views: %d of %d training products, %d views (shown with chance %.2f)", len(ids),
+                len(train_ids), len(views), data_args.jitter_p)
+    return {"row_of": {int(pid): r for r, pid in enumerate(ids.tolist())}, "views": views}
 
 
 def cli() -> None:
