@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print(f"on the {has.sum()} captions that name a gender: the caption's word is right "
           f"{np.mean(np.array(said, dtype=object)[has] == truth_gender[has]):.3f}, the vote "
           f"{np.mean(np.array(gender)[has] == truth_gender[has]):.3f}")
+    first = [str(c).split()[:1] == str(r).split()[:1] for c, r in zip(captions["generated"], captions["reference"])]
+    for subset, keep in (("seen", captions["seen"]), ("novel", ~captions["seen"])):
+        print(f"{subset}: first word (mostly the brand) right in {np.mean(np.array(first)[keep.to_numpy()]):.3f} of "
+              f"{int(keep.sum())} captions")
     rows = []
     for gender_min in THRESHOLDS:
         for colour_min in THRESHOLDS:
@@ -94,6 +98,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                                  "n": len(refs), "bleu_4": round(corpus_bleu_4(picked, refs), 2),
                                  "cider_d": round(cider_d(picked, refs)[0], 3)})
     table = pd.DataFrame(rows)
+    wide = table.pivot_table(index=["gender_min", "colour_min"], columns=["subset", "part"],
+                             values=["bleu_4", "cider_d"])
+    print(wide.to_string())
     for subset in ("novel", "seen"):
         chosen = table[(table.subset == subset) & (table.part == "tune")].sort_values("bleu_4").iloc[-1]
         check = table[(table.subset == subset) & (table.part == "check")
