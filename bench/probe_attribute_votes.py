@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     run = Run(args.run)
     captions = pd.read_csv(run.eval_dir / files.CAPTIONS)
-    vectors = np.load(run.eval_dir / files.VAL_EMBEDDINGS)
+    vectors = np.load(run.eval_dir / files.VAL_EMBEDDINGS, allow_pickle=False)
     index = ImageKnnIndex.load(run.eval_dir / files.CATALOG_KNN)
     products = load_catalog(resolve_data_dir(run, args.data_dir), require_images=False).products
     colours = sorted({c for c in products["baseColour"].dropna().astype(str) if c}, key=len, reverse=True)
