@@ -1,19 +1,27 @@
 """Captioning throughput at batch 1 and batch 64, against a floor from the model's FLOPs and this CPU's matmul rate.
 
 The floor is what captioning would cost if every floating-point operation ran at the speed of one large matmul:
-encoder FLOPs at the bf16 rate (the frozen backbone runs under bf16 autocast) plus decoder FLOPs at the fp32 rate.
+encoder FLOPs at the bf16 rate (the frozen backbone runs under bf16 autocast; at the fp32 rate where bf16 is slow and
+the backbone emulates it in float32) plus decoder FLOPs at the fp32 rate.
 `x_floor` = measured seconds per caption / floor seconds per caption (1.0 would be perfect).
 Beside it, a reranked caption (ris_core/rerank.py: 5 beams + 10 catalog names, scored on both views) per image,
 and its cost as a multiple of the greedy caption's, measured in the same run on the same images. `full_head_*`:
 the same figures with the plain 50,257-way output layer instead of the shortlist head (ris_core/output_head.py);
 `generate_*`: with transformers' generate() instead of step-by-step decoding (ris_core/decoding.py).
+`rows_reranked_*`: reranked with each candidate scored as its own padded row instead of over the image's prefix
+tree (ris_core/prefix_tree.py); `glibc_defaults_*`: greedy rates in a fresh process that keeps glibc's allocator
+settings (RIS_MALLOC=default) instead of ris_core/allocator.py's.
 `rerank_stage_ms_per_image`: one reranked batch of 16 split into its stages (one encoder pass per view, the beams,
-the likelihoods of both views), beside the likelihoods with each candidate's cross-attention keys and values
-projected again (the path before `ris_core.modeling.cross_attention_cache`).
+the likelihoods of both views over prefix trees and as padded rows), beside the likelihoods with each candidate's
+cross-attention keys and values projected again (the path before `ris_core.modeling.cross_attention_cache`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,10 +29,12 @@ from contextlib import contextmanager
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import demo_image_paths, reference_run
+from bench.common import REPO, demo_image_paths, reference_run
 from bench.machine import matmul_gflops
+from ris_core.allocator import OVERRIDE
 from ris_core.images import open_image
 from ris_core.output_head import ShortlistHead
+from ris_core.precision import fast_bf16
 from ris_core.rerank import RerankConfig, candidate_pool, rerank
 
 
@@ -123,6 +133,12 @@ def rerank_stages(captioner, images, repeats: int) -> dict:
             with timed("likelihoods, both views"):
                 for view in views:
                     captioner.log_likelihoods(view, texts)
+            if getattr(captioner, "tree_scoring", False):
+                captioner.tree_scoring = False
+                with timed("likelihoods, both views, one padded row per candidate"):
+                    for view in views:
+                        captioner.log_likelihoods(view, texts)
+                captioner.tree_scoring = True
             rows = torch.tensor([i for i, ts in enumerate(texts) for _ in ts])
             labels = _padded(encode_captions([t for ts in texts for t in ts]))
             hidden = views[0].hidden
@@ -152,7 +168,9 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
     images = [open_image(p) for p in demo_image_paths(large)]
     n = 512 if quick else 2048
     fp32 = fp32_gflops or matmul_gflops("float32", n, 2 if quick else 5)
-    bf16 = bf16_gflops or matmul_gflops("bfloat16", n, 2 if quick else 5)
+    bf16 = bf16_gflops or matmul_gflops("bfloat16", n if fast_bf16() else 512, 2 if quick else 5)
+    # the encoder's floor: bf16 where it runs natively, else the float32 emulation (ris_core/encoders.py)
+    encoder_rate = bf16 if fast_bf16() else fp32
     out: dict = {"model": source, "parameters_millions": round(sum(p.numel() for p in captioner.model.parameters())
                                                                 / 1e6, 2)}
     # (batch size, images, repeats)
@@ -160,7 +178,7 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
     for batch, count, repeats in shapes:
         rate = images_per_second(captioner, images[:count], batch, repeats)
         encoder, decoder, tokens = caption_flops(captioner, images[:batch])
-        floor = encoder / (bf16 * 1e9) + decoder / (fp32 * 1e9)
+        floor = encoder / (encoder_rate * 1e9) + decoder / (fp32 * 1e9)
         out.update({
             f"batch_{batch}_images_per_second": round(rate, 2),
             f"batch_{batch}_gflops_per_caption": round((encoder + decoder) / 1e9, 3),
@@ -182,6 +200,15 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
             out.update(variant_rates(captioner, images, shapes, quick, "generate"))
         finally:
             captioner.fast_decoding = True
+    if getattr(captioner, "tree_scoring", False):  # candidates one padded row each, side by side
+        captioner.tree_scoring = False
+        try:
+            reranked = reranked_per_second(captioner, images[: 4 if quick else 32], 2 if quick else 16, 1)
+            out[f"rows_reranked_batch_{2 if quick else 16}_images_per_second"] = round(reranked, 2)
+        finally:
+            captioner.tree_scoring = True
+    if not quick:
+        out.update(glibc_default_rates())
     if isinstance(captioner.model.decoder.lm_head, ShortlistHead):  # the old output layer, side by side
         head = captioner.model.decoder.lm_head
         captioner.model.decoder.lm_head = full_output_layer(captioner.model)
@@ -191,3 +218,25 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
             captioner.model.decoder.lm_head = head
     out.update(matmul_fp32_gflops=round(fp32, 1), matmul_bf16_gflops=round(bf16, 1))
     return out
+
+
+def glibc_default_rates() -> dict:
+    """Greedy images/s at batch 1 and 64 in a fresh process that keeps glibc's allocator settings
+    (RIS_MALLOC=default): the side-by-side "before" of ris_core/allocator.py, which this process has applied."""
+    env = {**os.environ, OVERRIDE: "default"}
+    done = subprocess.run([sys.executable, "-m", "bench.captioning"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if done.returncode != 0:
+        return {"glibc_defaults_error": done.stderr[-500:]}
+    return {f"glibc_defaults_{key}": value for key, value in json.loads(done.stdout.splitlines()[-1]).items()}
+
+
+def greedy_rates() -> dict:
+    captioner, _ = load_captioner()
+    images = [open_image(p) for p in demo_image_paths(64)]
+    return {"batch_1_images_per_second": round(images_per_second(captioner, images[:16], 1, 2), 2),
+            "batch_64_images_per_second": round(images_per_second(captioner, images, 64, 3), 2)}
+
+
+if __name__ == "__main__":  # the greedy rates of this process, one JSON line (for glibc_default_rates)
+    print(json.dumps(greedy_rates()))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from ris_core.allocator import keep_freed_memory
 from ris_core.captioning import CaptionBatch, CaptionerBase, ProgressHook
 from ris_core.encoder_decoder import Captioner
 from ris_core.paper_notebook import DEFAULT_MODE, NotebookCaptionerAdapter, is_notebook_run
@@ -64,6 +65,7 @@ def load_any_captioner(run_dir: str | Path, notebook_mode: str = DEFAULT_MODE) -
     """The captioner of any run folder: the notebook adapter for an imported paper notebook, else ours.
 
     CheckpointError says what is wrong when the folder holds no usable checkpoint."""
+    keep_freed_memory()  # a process that runs a captioner reuses its activations' memory (ris_core/allocator.py)
     if is_notebook_run(run_dir):
         return NotebookCaptionerAdapter.load(run_dir, mode=notebook_mode)
     return Captioner.load(run_dir)

@@ -51,6 +51,7 @@ class OutputColumns:
     weight: torch.Tensor  # (C, D)
     tokens: torch.Tensor  # (C,) token id of each column (the shared row: the smallest id sharing it)
     log_count: torch.Tensor  # (C,)
+    column_of: torch.Tensor  # (V,) the column of each token id
 
     @classmethod
     def of(cls, head: torch.nn.Module) -> OutputColumns:
@@ -59,10 +60,11 @@ class OutputColumns:
             first_shared = int(torch.nonzero(head.column == k)[0, 0])
             log_count = torch.zeros(k + 1)
             log_count[k] = head.log_shared
-            return cls(head.rows, torch.cat([head.shortlist, torch.tensor([first_shared])]), log_count)
+            return cls(head.rows, torch.cat([head.shortlist, torch.tensor([first_shared])]), log_count, head.column)
         if not isinstance(head, torch.nn.Linear) or head.bias is not None:
             raise TypeError(f"no column view of a {type(head).__name__} output layer")
-        return cls(head.weight, torch.arange(head.weight.shape[0]), torch.zeros(head.weight.shape[0]))
+        every = torch.arange(head.weight.shape[0])
+        return cls(head.weight, every, torch.zeros(head.weight.shape[0]), every)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.weight.T
@@ -101,7 +103,13 @@ class IncrementalDecoder:
         self.length = 0
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        # only the positions written so far are copied: the rest of each buffer is never read before it is written
+        filled = slice(0, self.length)
+        keys = self.keys.new_empty((self.keys.shape[0], len(rows), *self.keys.shape[2:]))
+        values = torch.empty_like(keys)
+        keys[:, :, :, filled] = self.keys[:, rows, :, filled]
+        values[:, :, :, filled] = self.values[:, rows, :, filled]
+        self.keys, self.values = keys, values
 
     def keep_images(self, images: torch.Tensor) -> None:
         rows = (images[:, None] * self.group + torch.arange(self.group)).reshape(-1)

@@ -19,6 +19,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutput
 
 from ris_core import decoding
+from ris_core.allocator import keep_freed_memory
 from ris_core.captioning import CaptionBatch, CaptionerBase
 from ris_core.errors import CheckpointError
 from ris_core.images import square
@@ -29,10 +30,12 @@ from ris_core.modeling import (
     sequence_log_likelihoods,
     token_cross_entropy,
 )
+from ris_core.prefix_tree import PrefixTree, tree_log_likelihoods
 from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions, gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
 LIKELIHOOD_CHUNK = 64  # candidate captions per decoder pass when scoring
+TREE_CHUNK = 32  # images per decoder pass when scoring their candidates' prefix trees
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,12 @@ class Captioner(CaptionerBase):
     tokenizer: Any = None  # the folder's tokenizer (captioners from elsewhere only; ours use the GPT-2 BPE)
     can_rerank: ClassVar[bool] = True  # n_best and log_likelihoods work with this model (ris_core/rerank.py)
     fast_decoding: bool = True  # ris_core.decoding where the model allows it; False: transformers' generate()
+    tree_scoring: bool = True  # with fast decoding, candidates scored over prefix trees; False: one row each
 
     @classmethod
     def load(cls, path: str | Path) -> Captioner:
         """From a run folder (uses its model/) or a model folder; CheckpointError says what is wrong."""
+        keep_freed_memory()  # a process that runs a captioner reuses its activations' memory (ris_core/allocator.py)
         path = Path(path)
         model_dir = path / "model" if (path / "model").is_dir() or (path / "run.json").is_file() else path
         if not model_dir.is_dir():
@@ -154,6 +159,8 @@ class Captioner(CaptionerBase):
     def log_likelihoods(self, images: list[Image.Image] | Encoded, candidates: list[list[str]]) -> list[np.ndarray]:
         """The model's summed log-probability of each image's candidate captions (one array per image)."""
         hidden = self.encode(images).hidden
+        if self.decodes_fast and self.tree_scoring:
+            return self._tree_log_likelihoods(hidden, candidates)
         rows = [i for i, texts in enumerate(candidates) for _ in texts]
         flat = [text for texts in candidates for text in texts]
         if not flat:
@@ -171,6 +178,17 @@ class Captioner(CaptionerBase):
                                                      self.start_token_id).numpy()
         bounds = np.cumsum([0] + [len(texts) for texts in candidates])
         return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _tree_log_likelihoods(self, hidden: torch.Tensor, candidates: list[list[str]]) -> list[np.ndarray]:
+        """`log_likelihoods` over each image's prefix tree (`ris_core.prefix_tree`), images in chunks."""
+        scores = [np.zeros(len(texts)) for texts in candidates]
+        scored = [i for i, texts in enumerate(candidates) if texts]
+        for start in range(0, len(scored), TREE_CHUNK):
+            chunk = scored[start:start + TREE_CHUNK]
+            trees = [PrefixTree.of(self.token_ids(candidates[i]), self.start_token_id) for i in chunk]
+            for i, sums in zip(chunk, tree_log_likelihoods(self.model.decoder, hidden[chunk], trees)):
+                scores[i] = sums.numpy().astype(np.float64)
+        return scores
 
     @torch.no_grad()
     def n_best(self, images: list[Image.Image] | Encoded, num_beams: int = 5,

@@ -13,6 +13,7 @@ from ris_core import decoding
 from ris_core.encoder_decoder import Captioner
 from ris_core.modeling import ModelSpec, build_captioner
 from ris_core.output_head import ShortlistHead
+from ris_core.prefix_tree import PrefixTree
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -88,3 +89,28 @@ def test_output_columns_give_the_full_softmax(tiny_run: Path):
     full = torch.log_softmax(head(hidden).float(), dim=-1)
     assert columns.log_probs(hidden) == pytest.approx(full[:, columns.tokens], rel=1e-5)  # float rounding only
     assert int(columns.tokens[-1]) == int(torch.nonzero(head.column == len(head.shortlist))[0, 0])
+    # every token id maps to the column holding its logit
+    assert torch.equal(columns.tokens[columns.column_of[columns.tokens]], columns.tokens)
+
+
+def test_prefix_tree_feeds_each_shared_prefix_once():
+    tree = PrefixTree.of([[5, 6, 7, 0], [5, 6, 0], [5, 9, 0], [5, 6, 7, 0], [0]], start_token_id=0)
+    assert tree.tokens == [0, 5, 6, 7, 9] and tree.parents == [-1, 0, 1, 2, 1] and tree.depths == [0, 1, 2, 3, 2]
+    assert len(tree.edges) == 4 + 3 + 3 + 4 + 1  # one target per token of each candidate, end token included
+    mask = tree.ancestry(6)
+    assert mask[3].tolist() == [True, True, True, True, False, False]  # node 3 sees the start, 5, 6 and itself
+    assert mask[4].tolist() == [True, True, False, False, True, False] and mask[5].tolist() == [False] * 5 + [True]
+
+
+def test_prefix_tree_likelihoods_equal_one_row_per_candidate(reference: Captioner, images):
+    """Candidates sharing prefixes, one a prefix of another, a repeat, an empty one, beams, an image without
+    candidates: the same scores as the padded rows of `sequence_log_likelihoods` (fast_decoding False)."""
+    captioner = reference
+    beams = captioner.n_best(images[:6], 5)
+    shared = ["Nike Men Black Shoes", "Nike Men Black Shoes Grey", "Nike Men Blue T-shirt", "Nike Men Black Shoes", ""]
+    texts = [[*b, *shared[: i + 1]] for i, b in enumerate(beams)]
+    texts[3] = []
+    slow, fast = both_paths(captioner, lambda: captioner.log_likelihoods(images[:6], texts))
+    for a, b, t in zip(slow, fast, texts, strict=True):
+        assert len(a) == len(b) == len(t) and list(b) == pytest.approx(list(a), abs=1e-3)
+    assert fast[5][5] == fast[5][8] and fast[5][0] != fast[5][1]  # a repeat scores alike; beams differ

@@ -191,3 +191,11 @@ def test_rankings_cache_round_trips_and_keeps_only_what_was_used(tmp_path: Path,
     assert RankingsCache.open(path).get("b") is None and RankingsCache.open(path).get("a") is not None
     path.write_bytes(b"PK\x03\x04 torn")
     assert RankingsCache.open(path).get("a") is None and "ignoring the unreadable" in caplog.text
+
+
+def test_tree_scoring_probe_reranks_as_one_row_per_candidate(evaluated_run: Path, tiny_catalog: Path):
+    from bench.probe_tree_scoring import main as probe
+
+    out = probe(["--run", str(evaluated_run), "--data_dir", str(tiny_catalog), "--products", "6", "--batch_size", "4"])
+    assert out["products"] == 6 and out["same_reranked_caption"] == 1.0
+    assert 0 <= out["largest_score_difference"] < 1e-3 and out["seconds_rows"] > 0 < out["seconds_tree"]
