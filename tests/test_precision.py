@@ -66,6 +66,49 @@ def test_emulated_bf16_backbone_is_autocast_up_to_accumulation_order(bf16_mode):
     assert all(torch.allclose(f, p, atol=1e-4) for f, p in zip(fp32, plain))
 
 
+def _rounded_after_every_op(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The emulation as first written: float32 tensors rounded to bf16 values after every op."""
+    from ris_core.encoders import _InvertedResidual
+
+    round_ = precision.round_to_bf16
+    if isinstance(module, torch.nn.Conv2d):
+        return round_(torch.nn.functional.conv2d(x, round_(module.weight), None, module.stride, module.padding,
+                                                 module.dilation, module.groups))
+    if isinstance(module, torch.nn.BatchNorm2d):
+        return round_(module(x))
+    if isinstance(module, torch.nn.ReLU6):
+        return torch.nn.functional.relu6(x)
+    if isinstance(module, torch.nn.Sequential):
+        for child in module:
+            x = _rounded_after_every_op(child, x)
+        return x
+    assert isinstance(module, _InvertedResidual)
+    out = _rounded_after_every_op(module.conv, x)
+    return round_(x + out) if module.use_res_connect else out
+
+
+def test_emulation_on_bf16_tensors_equals_rounding_float32_after_every_op():
+    from ris_core.encoders import MID_BLOCK
+    from ris_core.images import open_image, square
+    from ris_core.modeling import ModelSpec
+    from training.data import normalize
+
+    photos = sorted(Path(REPO / "data/demo/images").glob("*.jpg"))[:6]
+    pixels = normalize(torch.stack([torch.from_numpy(np.array(square(open_image(p), 128, 80))).permute(2, 0, 1)
+                                    for p in photos]), ModelSpec())
+    backbone = _encoder().backbone.eval()
+    with torch.no_grad():
+        mid, final = backbone.forward_bf16_emulated(pixels)
+        x = precision.round_to_bf16(pixels)
+        for index, block in enumerate(backbone.features):
+            x = _rounded_after_every_op(block, x)
+            if index == MID_BLOCK:
+                expected_mid = x
+    assert mid.dtype == final.dtype == torch.float32
+    assert torch.equal(mid, expected_mid) and torch.equal(final, x)  # bit for bit
+    assert final.abs().sum() > 0
+
+
 def test_emulation_names_what_it_cannot_emulate():
     from ris_core.encoders import _emulated
 
