@@ -4,9 +4,10 @@ glibc serves an allocation above its mmap threshold (128 KB at start, raised onl
 own mmap and returns it to the kernel when freed, and trims the heap's top above 128 KB. A captioner's
 activations are such blocks, allocated and freed at every layer, so the kernel zeroes and maps their pages again
 each time. Raising the thresholds once per process (`mallopt`, what the MALLOC_*_ environment variables set)
-reuses them instead: on an AVX2 machine the frozen MobileNetV2 went from 16.2 to 6.6 ms per image at batch 64
-and greedy captioning from 50 to 75 images/s (`python -m bench.run --only captioning` times both). Memory
-freed stays reserved by the process up to `trim_threshold`; results are bit for bit the same.
+reuses them instead: on an AVX2 machine greedy captioning at batch 64 went from 51.0 to 85.5 images/s (medians
+of three interleaved fresh processes: `RIS_MALLOC=default python -m bench.captioning` against
+`python -m bench.captioning`; `make bench` reports both as `glibc_defaults_*` and its own rates). Memory freed
+stays reserved by the process up to `trim_threshold`; results are bit for bit the same.
 """
 
 from __future__ import annotations

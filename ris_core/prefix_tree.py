@@ -120,7 +120,7 @@ def tree_log_likelihoods(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor,
     parents, slot = torch.unique(torch.tensor(nodes), return_inverse=True)
     log_probs = columns.log_probs(states[parents])
     picked = log_probs[slot, columns.column_of[torch.tensor(targets)]]
-    counts = [max(tree.edges, key=lambda e: e[2])[2] + 1 for tree in trees]
+    counts = [tree.edges[-1][2] + 1 for tree in trees]  # candidates, in order
     offsets = torch.tensor([0, *counts]).cumsum(0)
     sums = torch.zeros(int(offsets[-1])).index_add_(0, offsets[torch.tensor(trees_of)] + torch.tensor(candidates),
                                                     picked)
