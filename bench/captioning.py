@@ -11,6 +11,8 @@ the same figures with the plain 50,257-way output layer instead of the shortlist
 `rows_reranked_*`: reranked with each candidate scored as its own padded row instead of over the image's prefix
 tree (ris_core/prefix_tree.py); `glibc_defaults_*`: greedy rates in a fresh process that keeps glibc's allocator
 settings (RIS_MALLOC=default) instead of ris_core/allocator.py's.
+`backbone_ms_per_photo`: the frozen backbone over a batch of 128 photos (as the evaluation embeds the catalog) in
+chunks of `BACKBONE_CHUNK` against one pass, interleaved, medians.
 `rerank_stage_ms_per_image`: one reranked batch of 16 split into its stages (one encoder pass per view, the beams,
 the likelihoods of both views over prefix trees and as padded rows), beside the likelihoods with each candidate's
 cross-attention keys and values projected again (the path before `ris_core.modeling.cross_attention_cache`).
@@ -192,6 +194,8 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
         greedy = images_per_second(captioner, images[:count], batch, 1)
         out.update({f"reranked_batch_{batch}_images_per_second": round(reranked, 2),
                     f"reranked_batch_{batch}_x_greedy": round(greedy / reranked, 1)})
+    if hasattr(captioner.model.encoder, "backbone_maps"):
+        out["backbone_ms_per_photo"] = backbone_chunking(captioner, images, 1 if quick else 3)
     if hasattr(captioner, "encode"):
         out["rerank_stage_ms_per_image"] = rerank_stages(captioner, images[: 4 if quick else 16], 1 if quick else 3)
     if getattr(captioner, "decodes_fast", False):  # generate(), side by side
@@ -218,6 +222,26 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
             captioner.model.decoder.lm_head = head
     out.update(matmul_fp32_gflops=round(fp32, 1), matmul_bf16_gflops=round(bf16, 1))
     return out
+
+
+def backbone_chunking(captioner, images, repeats: int) -> dict:
+    """ms per photo of the backbone over 128 photos in cache-sized chunks and in one pass (ris_core/encoders.py)."""
+    from ris_core import encoders
+
+    pixels = captioner.preprocess((images * (128 // len(images) + 1))[:128])
+    chunk, times = encoders.BACKBONE_CHUNK, {"chunks": [], "one_pass": []}
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for name, size in (("chunks", chunk), ("one_pass", len(pixels))):
+                    encoders.BACKBONE_CHUNK = size
+                    started = time.perf_counter()
+                    captioner.model.encoder.backbone_maps(pixels)
+                    times[name].append(1000 * (time.perf_counter() - started) / len(pixels))
+    finally:
+        encoders.BACKBONE_CHUNK = chunk
+    return {f"chunks_of_{chunk}": round(sorted(times["chunks"])[repeats // 2], 2),
+            "one_pass_of_128": round(sorted(times["one_pass"])[repeats // 2], 2)}
 
 
 def glibc_default_rates() -> dict:

@@ -7,6 +7,7 @@ image processor and tokenizer saved beside it."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ from transformers.modeling_outputs import BaseModelOutput
 from ris_core import decoding
 from ris_core.allocator import keep_freed_memory
 from ris_core.captioning import CaptionBatch, CaptionerBase
+from ris_core.encoding_cache import EncodingCache, Parts
 from ris_core.errors import CheckpointError
+from ris_core.files import digest
 from ris_core.images import square
 from ris_core.modeling import (
     ModelSpec,
@@ -30,6 +33,7 @@ from ris_core.modeling import (
     sequence_log_likelihoods,
     token_cross_entropy,
 )
+from ris_core.precision import fast_bf16
 from ris_core.prefix_tree import PrefixTree, tree_log_likelihoods
 from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions, gpt2_tokenizer
 
@@ -58,6 +62,7 @@ class Captioner(CaptionerBase):
     can_rerank: ClassVar[bool] = True  # n_best and log_likelihoods work with this model (ris_core/rerank.py)
     fast_decoding: bool = True  # ris_core.decoding where the model allows it; False: transformers' generate()
     tree_scoring: bool = True  # with fast decoding, candidates scored over prefix trees; False: one row each
+    encodings: EncodingCache | None = None  # set: images met before skip the encoder (an evaluation sets one)
 
     @classmethod
     def load(cls, path: str | Path) -> Captioner:
@@ -77,6 +82,11 @@ class Captioner(CaptionerBase):
     @property
     def decodes_fast(self) -> bool:
         return self.fast_decoding and decoding.supports(self.model)
+
+    @property
+    def has_backbone(self) -> bool:
+        """Ours: a frozen CNN backbone whose maps the encoder's tokens are made from."""
+        return hasattr(self.model.encoder, "backbone_maps")
 
     @property
     def eos_token_id(self) -> int:
@@ -106,23 +116,48 @@ class Captioner(CaptionerBase):
         processor = image_processor(self.spec)
         return processor(images=squared, return_tensors="pt")["pixel_values"]
 
+    def _encoder_parts(self, images: list[Image.Image]) -> Parts:
+        """What the encoder makes of the images, through `encodings` when set: the frozen backbone's maps
+        (mid, final) for ours, the encoder's tokens for any other."""
+        def compute(todo: list[Image.Image]) -> Parts:
+            pixels = self.preprocess(todo)
+            if self.has_backbone:
+                return self.model.encoder.backbone_maps(pixels)
+            return (self.model.encoder(pixel_values=pixels).last_hidden_state,)
+
+        return compute(images) if self.encodings is None else self.encodings.encode(images, compute)
+
+    def embedding_key(self) -> str | None:
+        """What `embed` depends on when it is the frozen backbone's alone (its weights, its precision on this
+        machine, the preprocessing): equal for every run built on that backbone, so an evaluation of one can reuse
+        another's catalog embeddings. None when the embedding is this model's own."""
+        if not self.has_backbone or self.spec is None:
+            return None
+        encoder = self.model.encoder
+        weights = hashlib.sha256()
+        for name, tensor in sorted(encoder.backbone.state_dict().items()):
+            weights.update(name.encode())
+            weights.update(tensor.detach().contiguous().numpy().tobytes())
+        precision = encoder.config.backbone_precision
+        if precision != "fp32":
+            precision += "-native" if fast_bf16() else "-emulated"
+        return digest("frozen backbone", weights.hexdigest(), precision, self.spec.encoder, self.spec.image_size,
+                      self.spec.source_max_side, image_processor(self.spec).to_dict())
+
+    def _pooled(self, parts: Parts) -> torch.Tensor:
+        """(B, D) image embedding: the backbone's final map averaged (an ImageNet CNN embedding), else the tokens'."""
+        return parts[1].mean(dim=(2, 3)) if self.has_backbone else parts[0].mean(dim=1)
+
     @torch.no_grad()
     def encode(self, images: list[Image.Image] | Encoded) -> Encoded:
         """One encoder pass: what greedy, beams and candidate likelihoods of these images all start from."""
         if isinstance(images, Encoded):
             return images
-        pixels = self.preprocess(images)
-        encoder = self.model.encoder
-        if hasattr(encoder, "backbone_maps"):
-            mid, final = encoder.backbone_maps(pixels)
-            raw = encoder.tokens_from_maps(mid, final)
-            pooled = final.mean(dim=(2, 3))  # ImageNet CNN embedding: the visual-search baseline
-        else:
-            raw = encoder(pixel_values=pixels).last_hidden_state
-            pooled = raw.mean(dim=1)
+        parts = self._encoder_parts(images)
+        raw = self.model.encoder.tokens_from_maps(*parts) if self.has_backbone else parts[0]
         projection = getattr(self.model, "enc_to_dec_proj", None)
         hidden = projection(raw) if projection is not None and _has_projection(self.model) else raw
-        return Encoded(raw=raw, hidden=hidden, pooled=pooled)
+        return Encoded(raw=raw, hidden=hidden, pooled=self._pooled(parts))
 
     @torch.no_grad()
     def run_batch(self, images: list[Image.Image], references: list[str] | None = None, num_beams: int = 1,
@@ -205,13 +240,7 @@ class Captioner(CaptionerBase):
     @torch.no_grad()
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """L2-normalised pooled encoder features (no decoding): the image-kNN embedding."""
-        pixels = self.preprocess(images)
-        encoder = self.model.encoder
-        if hasattr(encoder, "backbone_maps"):
-            pooled = encoder.backbone_maps(pixels)[1].mean(dim=(2, 3))
-        else:
-            pooled = encoder(pixel_values=pixels).last_hidden_state.mean(dim=1)
-        return torch.nn.functional.normalize(pooled, dim=1).numpy()
+        return torch.nn.functional.normalize(self._pooled(self._encoder_parts(images)), dim=1).numpy()
 
 
 def _saved_text_and_image_parts(model_dir: Path) -> tuple[Any, Any]:

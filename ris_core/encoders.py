@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 # (expansion, out channels, repeats, first stride): torchvision's MobileNetV2 table
 _SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 MID_BLOCK = 13  # last block of the 96-channel, stride-16 stage
+# Images per backbone pass on CPU: the early maps of 32 images at 128 px (32 x 96 x 64 x 64 floats) stay in a
+# 32 MB L3 cache, those of 128 do not. Same maps bit for bit (each image's maps do not depend on its batch);
+# on a 2-core AVX2 EPYC, emulated bf16: 3.25 ms per photo in chunks of 32 against 4.99 at 64 and 7.98 at 128.
+BACKBONE_CHUNK = 32
 
 
 def _conv_bn(inp: int, out: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
@@ -192,6 +196,9 @@ class MobileNetTokenEncoder(PreTrainedModel):
         """
         self.backbone.eval()
         self.backbone.to(memory_format=torch.channels_last)
+        if not pixel_values.is_cuda and len(pixel_values) > BACKBONE_CHUNK:
+            parts = [self.backbone_maps(chunk) for chunk in pixel_values.split(BACKBONE_CHUNK)]
+            return torch.cat([mid for mid, _ in parts]), torch.cat([final for _, final in parts])
         pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         device = "cuda" if pixel_values.is_cuda else "cpu"
         if self.config.backbone_precision == "fp32":

@@ -46,6 +46,15 @@ def background_jobs_finish():
             thread.join(timeout=600)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_evaluation_files(tmp_path_factory) -> Path:
+    """Evaluations in tests (and the servers they start) share files in a folder of their own, not the repo's."""
+    folder = tmp_path_factory.mktemp("shared-eval")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RIS_SHARED_EVAL_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_catalog(tmp_path_factory) -> Path:
     return copy_catalog(tmp_path_factory.mktemp("tiny_catalog"), 160)

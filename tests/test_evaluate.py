@@ -199,3 +199,20 @@ def test_tree_scoring_probe_reranks_as_one_row_per_candidate(evaluated_run: Path
     out = probe(["--run", str(evaluated_run), "--data_dir", str(tiny_catalog), "--products", "6", "--batch_size", "4"])
     assert out["products"] == 6 and out["same_reranked_caption"] == 1.0
     assert 0 <= out["largest_score_difference"] < 1e-3 and out["seconds_rows"] > 0 < out["seconds_tree"]
+
+
+def test_images_met_twice_are_encoded_once_with_the_same_results(tiny_run: Path, tiny_catalog: Path,
+                                                                 tmp_path: Path):
+    runs = {}
+    for cache_mb in ("4096", "0"):
+        runs[cache_mb] = shutil.copytree(tiny_run, tmp_path / cache_mb / tiny_run.name)
+        evaluate_main(["--run", str(runs[cache_mb]), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50",
+                       "--encoder_cache_mb", cache_mb])
+    timings = {mb: json.loads((run / "eval" / "timings.json").read_text()) for mb, run in runs.items()}
+    split = json.loads((tiny_run / "split.json").read_text())
+    kept = timings["4096"]["encoder_cache"]
+    # held-out photos reranked after captioning, catalog photos captioned for refinement after embedding
+    assert kept["images_reused"] >= len(split["val_ids"]) and kept["megabytes"] > 0
+    assert "encoder_cache" not in timings["0"]
+    for name in ("captions.csv", "retrieval.csv"):
+        assert (runs["4096"] / "eval" / name).read_bytes() == (runs["0"] / "eval" / name).read_bytes(), name

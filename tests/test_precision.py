@@ -109,6 +109,31 @@ def test_emulation_on_bf16_tensors_equals_rounding_float32_after_every_op():
     assert final.abs().sum() > 0
 
 
+def test_a_large_batch_runs_in_cache_sized_chunks_with_each_image_s_own_maps(bf16_mode, monkeypatch):
+    from ris_core import encoders
+    from ris_core.images import open_image, square
+    from ris_core.modeling import ModelSpec
+    from training.data import normalize
+
+    photos = sorted(Path(REPO / "data/demo/images").glob("*.jpg"))[:10]
+    pixels = normalize(torch.stack([torch.from_numpy(np.array(square(open_image(p), 128, 80))).permute(2, 0, 1)
+                                    for p in photos]), ModelSpec())
+    bf16_mode("emulated")
+    for backbone_precision in ("bf16", "fp32"):
+        encoder = _encoder(backbone_precision)
+        monkeypatch.setattr(encoders, "BACKBONE_CHUNK", 10**6)
+        whole = encoder.backbone_maps(pixels)
+        monkeypatch.setattr(encoders, "BACKBONE_CHUNK", 4)
+        sizes: list[int] = []
+        encoder.backbone.features[0].register_forward_pre_hook(lambda module, args, sizes=sizes:
+                                                               sizes.append(len(args[0])))
+        chunked = encoder.backbone_maps(pixels)
+        if backbone_precision == "fp32":  # the emulation calls the blocks' parts, not the first block itself
+            assert sizes == [4, 4, 2]
+        for a, b in zip(whole, chunked):  # in order, each image's own maps (a kernel may differ by one bf16 ulp)
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=2**-7, atol=1e-6)
+
+
 def test_emulation_names_what_it_cannot_emulate():
     from ris_core.encoders import _emulated
 

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="score candidates on the image only, not also on its mirror image")
     parser.add_argument("--force", action="store_true",
                         help="recompute captions, embeddings, reranking and the refinement captions")
+    parser.add_argument("--encoder_cache_mb", type=int, default=defaults.encoder_cache_mb,
+                        help="memory for the encoder outputs of images met twice (a catalog photo embedded, then "
+                             "captioned for refinement; a held-out photo captioned, then reranked); 0 = none")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -65,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                           length_weight=args.rerank_length_weight, mirror=not args.no_rerank_mirror)
     return EvalConfig(k=args.k, batch_size=args.batch_size, num_beams=args.num_beams, max_products=args.max_products,
                       n_boot=args.n_boot, refine_queries=args.refine_queries, rerank=rerank, force=args.force,
-                      progress_bars=not args.quiet)
+                      progress_bars=not args.quiet, encoder_cache_mb=args.encoder_cache_mb)
 
 
 def main(argv: list[str] | None = None) -> Path:

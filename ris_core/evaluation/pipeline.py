@@ -31,8 +31,9 @@ from ris_core.captioner import ImageCaptioner, ProgressHook, load_any_captioner
 from ris_core.contrastive import ContrastiveConfig, load_contrastive, save_contrastive, train_contrastive
 from ris_core.data import DEFAULT_DATA_DIR, Catalog, load_catalog
 from ris_core.dataset_sources import HUB_ID, SourceColumns
+from ris_core.encoding_cache import EncodingCache
 from ris_core.errors import DataError, ImageError, RunError
-from ris_core.evaluation import baselines, files, verdict
+from ris_core.evaluation import baselines, files, shared, verdict
 from ris_core.evaluation.rankings_cache import RankingsCache
 from ris_core.files import digest, file_sha256, load_npy, save_npy_atomic, write_csv_atomic, write_json_atomic
 from ris_core.images import open_image
@@ -60,7 +61,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How to evaluate; every field but the last two changes what is computed (and keys the reuse)."""
+    """How to evaluate; every field but the last three and `force` and `progress_bars` changes what is computed
+    (and keys the reuse)."""
 
     k: int = 10  # results judged per query
     batch_size: int = 64  # images per captioning batch
@@ -73,6 +75,9 @@ class EvalConfig:
     progress_bars: bool = True  # tqdm bars on stderr
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # the CLIP-style visual baseline
     hybrids: bool = True  # caption + image fusion rows (rrf: and hybrid:)
+    encoder_cache_mb: int = 4096  # encoder outputs kept for images met again (ris_core/encoding_cache.py); 0 = none
+    # where files that other runs' evaluations can reuse are kept (ris_core/evaluation/shared.py); None = nowhere
+    shared_dir: Path | None = field(default_factory=shared.default_folder)
 
 
 @dataclass
@@ -175,6 +180,10 @@ def evaluate_run(run: Run | str | Path, data_dir: Path | None = None, config: Ev
         captioner = load_any_captioner(run.path)  # before touching eval/: a corrupt checkpoint leaves no trace
         if process_count()[1] > 1:  # under a launcher: image batches shared with the other processes
             captioner = ShardedCaptioner(captioner)
+        elif hasattr(captioner, "encodings") and config.encoder_cache_mb > 0:
+            # a catalog photo embedded for the visual index is captioned again when refined, a held-out photo
+            # captioned is encoded again when reranked: the second time costs no encoder pass
+            captioner.encodings = EncodingCache(config.encoder_cache_mb << 20)
         work = files.open_workspace(run.eval_dir)
         ctx = _Context(run=run, work_dir=work, data_dir=data_dir, catalog=catalog, config=config,
                        captioner=captioner, model_key=model_digest(run), progress=progress)
@@ -264,8 +273,11 @@ def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: 
                                      reranked="reranked" in captions)
         write_json_atomic(ctx.path(files.RETRIEVAL_SUMMARY), summary)
     ctx.rankings.save()
-    write_json_atomic(ctx.path(files.TIMINGS), {"stages": ctx.seconds,
-                                                 "total_seconds": round(time.perf_counter() - started, 1)})
+    timings = {"stages": ctx.seconds, "total_seconds": round(time.perf_counter() - started, 1)}
+    if (kept := getattr(ctx.captioner, "encodings", None)) is not None:
+        timings["encoder_cache"] = {"images_encoded": kept.misses, "images_reused": kept.hits,
+                                    "megabytes": round(kept.bytes / 2**20, 1)}
+    write_json_atomic(ctx.path(files.TIMINGS), timings)
     return metrics
 
 
@@ -281,7 +293,10 @@ def _name_embeddings(ctx: _Context, names: list[str], encoder: SentenceEncoder) 
     """MiniLM embeddings of the catalog's names, cached in the workspace per list of names."""
     key = digest(encoder.name, names)
     path = ctx.path(files.NAME_EMBEDDINGS)
-    if ctx.state.get("names_key") == key and (cached := load_npy(path)) is not None and len(cached) == len(names):
+    if ((ctx.state.get("names_key") == key or shared.fetch(ctx.config.shared_dir, key, [path]))
+            and (cached := load_npy(path)) is not None and len(cached) == len(names)):
+        ctx.state["names_key"] = key
+        ctx.save_state()
         return cached
     bar = tqdm(total=len(names), desc="embedding catalog names", unit="name", disable=not ctx.config.progress_bars)
 
@@ -294,6 +309,7 @@ def _name_embeddings(ctx: _Context, names: list[str], encoder: SentenceEncoder) 
     vectors = encoder.encode(names, progress=progress)
     bar.close()
     save_npy_atomic(path, vectors)
+    shared.share(ctx.config.shared_dir, key, [path])
     ctx.state["names_key"] = key
     ctx.save_state()
     return vectors
@@ -306,11 +322,16 @@ def _contrastive(ctx: _Context, knn: ImageKnnIndex, names: list[str], encoder: S
     name_vectors = _name_embeddings(ctx, names, encoder)
     key = digest(ctx.state.get("knn_key"), ctx.state.get("names_key"), asdict(ctx.config.contrastive))
     path = ctx.path(files.CONTRASTIVE)
-    model = None if ctx.config.force else load_contrastive(path, key)
+    model = None
+    if not ctx.config.force:
+        model = load_contrastive(path, key)
+        if model is None and shared.fetch(ctx.config.shared_dir, key, [path]):
+            model = load_contrastive(path, key)
     if model is None:
         steps = ctx.progress and (lambda done, total: ctx.progress("training the contrastive baseline", done, total))
         model = train_contrastive(knn.vectors, name_vectors, ctx.config.contrastive, progress=steps or None)
         save_contrastive(model, ctx.config.contrastive, path, key)
+        shared.share(ctx.config.shared_dir, key, [path])
     return name_vectors, model
 
 
@@ -384,20 +405,36 @@ def _caption_held_out(ctx: _Context, val_ids: list[int]) -> tuple[pd.DataFrame, 
 
 
 def _catalog_knn(ctx: _Context, train_ids: list[int]) -> tuple[ImageKnnIndex, str]:
+    """The visual index of the training catalog, and its key: the run's own, or one shared by every run whose
+    image embedding is its frozen backbone's alone (`embedding_key`), so those runs embed the catalog once."""
     knn_path = ctx.path(files.CATALOG_KNN)
-    knn_key = digest(ctx.model_key, str(ctx.data_dir.resolve()), train_ids)
-    if not ctx.config.force and ctx.state.get("knn_key") == knn_key and knn_path.with_suffix(".npz").is_file():
-        return ImageKnnIndex.load(knn_path), knn_key
-    ids, matrix, _ = ctx.captioner.embed_paths([(i, ctx.catalog.image_path(i)) for i in train_ids],
-                                               progress=ctx.config.progress_bars,
-                                               desc="embedding the training catalog", hook=ctx.progress)
-    knn = ImageKnnIndex(ids=np.asarray(ids), vectors=matrix,
-                        image_paths=[str(ctx.catalog.image_path(i)) for i in ids],
-                        names=ctx.products.loc[ids, "productDisplayName"].tolist())
-    knn.save(knn_path)
+    embedding_key = getattr(ctx.captioner, "embedding_key", lambda: None)() or ctx.model_key
+    knn_key = digest(embedding_key, str(ctx.data_dir.resolve()), train_ids)
+    parts = [knn_path.with_suffix(".npz"), knn_path.with_suffix(".json")]
+    knn = None
+    if not ctx.config.force and (ctx.state.get("knn_key") == knn_key and parts[0].is_file()
+                                 or shared.fetch(ctx.config.shared_dir, knn_key, parts)):
+        knn = _read_knn(knn_path)
+    if knn is None:
+        ids, matrix, _ = ctx.captioner.embed_paths([(i, ctx.catalog.image_path(i)) for i in train_ids],
+                                                   progress=ctx.config.progress_bars,
+                                                   desc="embedding the training catalog", hook=ctx.progress)
+        knn = ImageKnnIndex(ids=np.asarray(ids), vectors=matrix,
+                            image_paths=[str(ctx.catalog.image_path(i)) for i in ids],
+                            names=ctx.products.loc[ids, "productDisplayName"].tolist())
+        knn.save(knn_path)
+        shared.share(ctx.config.shared_dir, knn_key, parts)
     ctx.state["knn_key"] = knn_key
     ctx.save_state()
     return knn, knn_key
+
+
+def _read_knn(path: Path) -> ImageKnnIndex | None:
+    try:
+        return ImageKnnIndex.load(path)
+    except (OSError, ValueError, KeyError) as err:
+        logger.warning("ignoring the unreadable %s (%s): embedding the catalog again", path.name, err)
+        return None
 
 
 def _nearest_names(ctx: _Context, knn: ImageKnnIndex, val_emb: np.ndarray, key: str) -> list[str]:
