@@ -13,6 +13,8 @@ tree (ris_core/prefix_tree.py); `glibc_defaults_*`: greedy rates in a fresh proc
 settings (RIS_MALLOC=default) instead of ris_core/allocator.py's.
 `backbone_ms_per_photo`: the frozen backbone over a batch of 128 photos (as the evaluation embeds the catalog) in
 chunks of `BACKBONE_CHUNK` against one pass, interleaved, medians.
+`preprocess_ms_per_photo`: squaring and normalising 64 photos with the image processor against the lookup table
+(`ris_core.modeling.pixel_values`, the same pixels bit for bit), interleaved, medians.
 `rerank_stage_ms_per_image`: one reranked batch of 16 split into its stages (one encoder pass per view, the beams,
 the likelihoods of both views over prefix trees and as padded rows), beside the likelihoods with each candidate's
 cross-attention keys and values projected again (the path before `ris_core.modeling.cross_attention_cache`).
@@ -196,6 +198,8 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
                     f"reranked_batch_{batch}_x_greedy": round(greedy / reranked, 1)})
     if hasattr(captioner.model.encoder, "backbone_maps"):
         out["backbone_ms_per_photo"] = backbone_chunking(captioner, images, 1 if quick else 3)
+    if getattr(captioner, "spec", None) is not None:
+        out["preprocess_ms_per_photo"] = preprocessing(captioner.spec, images, 1 if quick else 5)
     if hasattr(captioner, "encode"):
         out["rerank_stage_ms_per_image"] = rerank_stages(captioner, images[: 4 if quick else 16], 1 if quick else 3)
     if getattr(captioner, "decodes_fast", False):  # generate(), side by side
@@ -242,6 +246,24 @@ def backbone_chunking(captioner, images, repeats: int) -> dict:
         encoders.BACKBONE_CHUNK = chunk
     return {f"chunks_of_{chunk}": round(sorted(times["chunks"])[repeats // 2], 2),
             "one_pass_of_128": round(sorted(times["one_pass"])[repeats // 2], 2)}
+
+
+def preprocessing(spec, images, repeats: int) -> dict:
+    """ms per photo to square and normalise `images`: the image processor against the lookup table."""
+    from ris_core.images import square
+    from ris_core.modeling import image_processor, pixel_values
+
+    processor, times = image_processor(spec), {"processor": [], "lookup_table": []}
+    for _ in range(repeats):
+        for name in times:
+            started = time.perf_counter()
+            squares = [square(im, spec.image_size, spec.source_max_side) for im in images]
+            if name == "processor":
+                processor(images=squares, return_tensors="pt")
+            else:
+                pixel_values(spec, squares)
+            times[name].append(1000 * (time.perf_counter() - started) / len(images))
+    return {name: round(sorted(values)[repeats // 2], 3) for name, values in times.items()}
 
 
 def glibc_default_rates() -> dict:

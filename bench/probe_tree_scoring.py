@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     catalog = load_catalog(args.data_dir)
     captioner, config = Captioner.load(args.run), RerankConfig()
     images = [open_image(catalog.image_path(int(i))) for i in captions["id"]]
-    neighbours = [[(hit.title, hit.score) for hit in knn.search_vector(v, k=config.k).results] for v in vectors]
+    found = knn.search_vectors(vectors, k=config.k)  # as the evaluation does
+    neighbours = [[(hit.title, hit.score) for hit in response.results] for response in found]
     out: dict = {"run": str(args.run), "products": len(images)}
     ranked = {}
     for tree in (False, True):  # one padded row per candidate first: the path the evaluation used before

@@ -30,6 +30,7 @@ from ris_core.modeling import (
     ModelSpec,
     image_processor,
     load_model_dir,
+    pixel_values,
     sequence_log_likelihoods,
     token_cross_entropy,
 )
@@ -112,9 +113,7 @@ class Captioner(CaptionerBase):
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         if self.spec is None:  # the model's own processor decides (most stretch to a square)
             return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        squared = [square(im, self.spec.image_size, self.spec.source_max_side) for im in images]
-        processor = image_processor(self.spec)
-        return processor(images=squared, return_tensors="pt")["pixel_values"]
+        return pixel_values(self.spec, [square(im, self.spec.image_size, self.spec.source_max_side) for im in images])
 
     def _encoder_parts(self, images: list[Image.Image]) -> Parts:
         """What the encoder makes of the images, through `encodings` when set: the frozen backbone's maps

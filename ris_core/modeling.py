@@ -8,12 +8,15 @@ The decoder is either a Hub GPT-2 (`gpt2`) or a GPT-2 of the given shape trained
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import (
     DynamicCache,
     EncoderDecoderCache,
@@ -68,6 +71,31 @@ def image_processor(spec: ModelSpec) -> ViTImageProcessorPil:
         image_mean=IMAGENET_MEAN if imagenet else [0.5, 0.5, 0.5],  # in21k ViTs were trained on [-1, 1]
         image_std=IMAGENET_STD if imagenet else [0.5, 0.5, 0.5],
     )
+
+
+def pixel_values(spec: ModelSpec, squares: list[Image.Image]) -> torch.Tensor:
+    """`image_processor(spec)(images=squares)["pixel_values"]` bit for bit, for RGB squares already at the model's
+    size (what `ris_core.images.square` gives): a uint8 pixel can take 256 values per channel, so the processor's
+    rescale and normalisation are computed once for each and looked up, instead of a resize, a rescale and a
+    normalisation per image. (B, 3, H, W) float32, channels-last in memory (as the backbone wants it)."""
+    processor = image_processor(spec)
+    if not squares or any(im.mode != "RGB" or im.size != (spec.image_size, spec.image_size) for im in squares):
+        return processor(images=squares, return_tensors="pt")["pixel_values"]
+    batch = np.stack([np.asarray(im) for im in squares])  # (B, H, W, 3) uint8
+    table = _normalised_levels(processor.rescale_factor, tuple(processor.image_mean), tuple(processor.image_std))
+    out = np.empty(batch.shape, dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], batch[..., channel], out=out[..., channel])
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+@functools.cache
+def _normalised_levels(scale: float, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256): each channel's normalised value of each uint8 level, with the processor's arithmetic (rescale in
+    float64 then float32, normalise in float32)."""
+    levels = (np.arange(256, dtype=np.float64) * scale).astype(np.float32)
+    table = (levels[None, :] - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
+    return table.astype(np.float32)
 
 
 def _from_hub(loader, model_id: str, **kwargs):

@@ -465,6 +465,8 @@ def _reranked(ctx: _Context, captions: pd.DataFrame, val_emb: np.ndarray, knn: I
               batch_size: int = 16) -> list[str]:
     """Per held-out product, the best-scored candidate (the greedy caption if its image fails to decode)."""
     config = ctx.config.rerank
+    # every photo's visual neighbours at once (a query at a time reads the whole catalog matrix: ~7 ms each)
+    nearest = knn.search_vectors(val_emb, k=config.k)
     out: list[str] = []
     starts = range(0, len(captions), batch_size)
     for start in ctx.steps(starts, "reranking captions", total=len(starts), unit="batch"):
@@ -477,8 +479,7 @@ def _reranked(ctx: _Context, captions: pd.DataFrame, val_emb: np.ndarray, knn: I
             except ImageError:
                 continue
         greedy = [captions["generated"].iloc[row] for row in readable]
-        neighbours = [[(hit.title, hit.score) for hit in knn.search_vector(val_emb[row], k=config.k).results]
-                      for row in readable]
+        neighbours = [[(hit.title, hit.score) for hit in nearest[row].results] for row in readable]
         ranked = rerank(ctx.captioner, images, greedy, neighbours, config) if images else []
         best = {row: pool[0].text for row, pool in zip(readable, ranked) if pool}
         out += [best.get(row, captions["generated"].iloc[row]) for row in rows]
