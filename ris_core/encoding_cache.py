@@ -17,11 +17,23 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 Parts = tuple[torch.Tensor | None, ...]  # one encoder output, batched; None for a part a model does not have
+MAX_BUDGET_MB = 4096  # the reference evaluation (44k photos) keeps 2.4 GB
+
+
+def default_budget_mb(meminfo: str | Path = "/proc/meminfo") -> int:
+    """A quarter of the memory available now, at most MAX_BUDGET_MB (MAX_BUDGET_MB where that cannot be read)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(meminfo).read_text().splitlines() if ":" in line)
+        available_mb = int(fields["MemAvailable"].split()[0]) // 1024  # reported in kB
+    except (OSError, KeyError, ValueError, IndexError):
+        return MAX_BUDGET_MB
+    return max(0, min(MAX_BUDGET_MB, available_mb // 4))
 
 
 def image_key(image: Image.Image) -> bytes:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ris_core.encoding_cache import EncodingCache, image_key
+from ris_core.encoding_cache import MAX_BUDGET_MB, EncodingCache, default_budget_mb, image_key
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -79,6 +79,17 @@ def test_keys_tell_pixels_mode_and_size_apart():
     assert image_key(image) != image_key(image.convert("L").convert("RGB"))
     assert image_key(image) != image_key(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     assert image_key(image) != image_key(Image.frombytes("RGB", (8, 6), image.tobytes()))  # same bytes, turned
+
+
+def test_the_default_budget_is_a_quarter_of_the_free_memory_at_most_4_gb(tmp_path: Path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    2048000 kB\n")
+    assert default_budget_mb(meminfo) == 500  # 2,000 MB free
+    meminfo.write_text("MemAvailable:   64000000 kB\n")
+    assert default_budget_mb(meminfo) == MAX_BUDGET_MB
+    meminfo.write_text("nothing useful\n")
+    assert default_budget_mb(meminfo) == MAX_BUDGET_MB
+    assert default_budget_mb(tmp_path / "missing") == MAX_BUDGET_MB
 
 
 @pytest.mark.slow

@@ -117,3 +117,29 @@ def test_the_backbone_key_follows_the_weights_and_the_precision_path(tiny_run: P
     with torch.no_grad():
         next(iter(model.model.encoder.backbone.parameters())).mul_(1.01)
     assert model.embedding_key() not in keys.values()
+
+
+@pytest.mark.slow
+def test_a_torn_shared_file_is_computed_again_and_replaced(tiny_run: Path, tiny_catalog: Path, tmp_path: Path,
+                                                           monkeypatch, caplog):
+    from training.evaluate import main as evaluate_main
+
+    folder = tmp_path / "shared"
+    monkeypatch.setenv(shared.FOLDER_VARIABLE, str(folder))
+    first = shutil.copytree(tiny_run, tmp_path / "a" / tiny_run.name, ignore=shutil.ignore_patterns("eval"))
+    evaluate_main(["--run", str(first), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50"])
+    torn = {path.name.split("-", 1)[1]: path for path in folder.iterdir()}
+    for name in ("catalog_knn.npz", "name_embeddings.npy", "contrastive.safetensors"):
+        torn[name].unlink()  # the evaluation's own link keeps its good copy
+        torn[name].write_bytes(b"torn")
+    second = shutil.copytree(tiny_run, tmp_path / "b" / tiny_run.name, ignore=shutil.ignore_patterns("eval"))
+    with caplog.at_level(logging.WARNING):
+        evaluate_main(["--run", str(second), "--data_dir", str(tiny_catalog), "--quiet", "--n_boot", "50"])
+    assert "ignoring the unreadable catalog_knn" in caplog.text
+    for name in ("catalog_knn.npz", "name_embeddings.npy", "contrastive.safetensors"):
+        if name.endswith(".safetensors"):  # the header's metadata order may vary: compare the tensors
+            before, after = load_file(str(first / "eval" / name)), load_file(str(second / "eval" / name))
+            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        else:
+            assert (first / "eval" / name).read_bytes() == (second / "eval" / name).read_bytes(), name
+        assert torn[name].read_bytes() != b"torn" and torn[name].stat().st_ino == (second / "eval" / name).stat().st_ino

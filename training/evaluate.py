@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="recompute captions, embeddings, reranking and the refinement captions")
     parser.add_argument("--encoder_cache_mb", type=int, default=defaults.encoder_cache_mb,
                         help="memory for the encoder outputs of images met twice (a catalog photo embedded, then "
-                             "captioned for refinement; a held-out photo captioned, then reranked); 0 = none")
+                             "captioned for refinement; a held-out photo captioned, then reranked); default: a "
+                             "quarter of the free memory, at most 4096; 0 = none")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 

@@ -31,7 +31,7 @@ from ris_core.captioner import ImageCaptioner, ProgressHook, load_any_captioner
 from ris_core.contrastive import ContrastiveConfig, load_contrastive, save_contrastive, train_contrastive
 from ris_core.data import DEFAULT_DATA_DIR, Catalog, load_catalog
 from ris_core.dataset_sources import HUB_ID, SourceColumns
-from ris_core.encoding_cache import EncodingCache
+from ris_core.encoding_cache import EncodingCache, default_budget_mb
 from ris_core.errors import DataError, ImageError, RunError
 from ris_core.evaluation import baselines, files, shared, verdict
 from ris_core.evaluation.rankings_cache import RankingsCache
@@ -75,7 +75,9 @@ class EvalConfig:
     progress_bars: bool = True  # tqdm bars on stderr
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # the CLIP-style visual baseline
     hybrids: bool = True  # caption + image fusion rows (rrf: and hybrid:)
-    encoder_cache_mb: int = 4096  # encoder outputs kept for images met again (ris_core/encoding_cache.py); 0 = none
+    # encoder outputs kept for images met again (ris_core/encoding_cache.py): a quarter of the free memory, at most
+    # 4 GB; 0 = none
+    encoder_cache_mb: int = field(default_factory=default_budget_mb)
     # where files that other runs' evaluations can reuse are kept (ris_core/evaluation/shared.py); None = nowhere
     shared_dir: Path | None = field(default_factory=shared.default_folder)
 
