@@ -47,7 +47,10 @@ def test_quick_bench_writes_every_figure(tmp_path):
             assert keys <= set(benchmarks[name]), (name, keys - set(benchmarks[name]))
     evaluation = benchmarks["evaluation"]
     assert "skipped" in evaluation or {"wall_seconds", "held_out_scored", "catalog_products", "rerun_unchanged_seconds",
-                                       "rerun_one_strategy_changed_seconds"} <= set(evaluation)
+                                       "rerun_one_strategy_changed_seconds", "another_run_seconds"} <= set(evaluation)
+    if "skipped" not in evaluation:  # the second run's catalog came from the first's shared files
+        assert evaluation["encoder_cache"]["images_reused"] > 0
+        assert {"catalog_knn.npz", "catalog_knn.json"} <= set(evaluation["another_run_reused"])
     assert benchmarks["search"]["naive_over_fts_p50"] > 1  # the index beats the Python loop even on 3k products
     browser = benchmarks["browser"]
     if "skipped" not in browser:  # CI installs Chromium; the first page's content showed in every visit
