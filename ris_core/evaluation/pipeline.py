@@ -61,8 +61,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How to evaluate; every field but the last three and `force` and `progress_bars` changes what is computed
-    (and keys the reuse)."""
+    """How to evaluate; every field but `force`, `progress_bars`, `encoder_cache_mb` and `shared_dir` changes what
+    is computed (and keys the reuse)."""
 
     k: int = 10  # results judged per query
     batch_size: int = 64  # images per captioning batch
