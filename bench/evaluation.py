@@ -6,6 +6,9 @@ captions and embeddings. Full: every held-out product of data/demo. --quick: a 6
 `another_run_*`: a second copy evaluated afresh, as another checkpoint on the same frozen backbone would be,
 reusing the catalog embeddings, name embeddings and contrastive model the first one shared
 (`ris_core/evaluation/shared.py`, in a temp folder here); `encoder_cache`: images encoded and reused.
+`semantic_texts`: the caption metrics' MiniLM work on the first evaluation's captions, each text column encoded on
+its own (the path before `ris_core.sentence_encoder.text_vectors`) against every distinct text once with the catalog
+names' vectors reused, side by side; `python -m bench.evaluation <eval dir>` measures it on any evaluation.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def bench_evaluation(quick: bool = False) -> dict:
         metrics = json.loads((eval_dir / "caption_metrics.json").read_text())
         retrieval = json.loads((eval_dir / "retrieval.json").read_text())
         timings = json.loads((eval_dir / "timings.json").read_text())
+        semantic = semantic_texts(eval_dir)
         reruns = rerun_seconds([a for a in args if a != "--force"] + ["--data_dir", str(data_dir)])
         other = shutil.copytree(run.path, Path(tmp) / "another" / run.name,
                                 ignore=shutil.ignore_patterns("checkpoints", "eval"))
@@ -62,8 +66,41 @@ def bench_evaluation(quick: bool = False) -> dict:
         "held_out_scored": metrics["n_scored"], "catalog_products": retrieval["catalog_size"],
         "wall_seconds": round(seconds, 1), "captioning_images_per_second": round(metrics["images_per_second"], 1),
         "bleu_4": round(metrics["model"]["bleu_4"], 2), "stage_seconds": timings["stages"],
-        "encoder_cache": timings.get("encoder_cache"), **reruns, **another,
+        "encoder_cache": timings.get("encoder_cache"), "semantic_texts": semantic, **reruns, **another,
     }
+
+
+def semantic_texts(eval_dir: Path) -> dict:
+    """Seconds and texts encoded for the semantic scores of an evaluation's captions, both ways (module docstring)."""
+    import numpy as np
+    import pandas as pd
+
+    from ris_core.evaluation import files
+    from ris_core.sentence_encoder import SentenceEncoder, text_vectors
+
+    captions = pd.read_csv(eval_dir / files.CAPTIONS, keep_default_na=False)
+    columns = [c for c in ("reference", "generated", "nn_caption", "reranked") if c in captions]
+    names = json.loads((eval_dir / f"{files.CATALOG_KNN}.json").read_text())["names"]
+    known = dict(zip(names, np.load(eval_dir / files.NAME_EMBEDDINGS)))
+    encoder = SentenceEncoder.load()
+    start = time.perf_counter()
+    for column in columns:
+        encoder.encode(captions[column].tolist())
+    per_column = time.perf_counter() - start
+    start = time.perf_counter()
+    text_vectors(encoder, [t for column in columns for t in captions[column]], known)
+    once = time.perf_counter() - start
+    distinct = {str(t) for column in columns for t in captions[column]}
+    return {"per_column_seconds": round(per_column, 2), "per_column_texts": int(sum(captions[c].nunique()
+                                                                                     for c in columns)),
+            "once_seconds": round(once, 2), "once_texts": len(distinct - known.keys()),
+            "speedup": round(per_column / max(once, 1e-9), 2)}
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(semantic_texts(Path(sys.argv[1])), indent=2))
 
 
 def rerun_seconds(args: list[str]) -> dict:

@@ -9,7 +9,7 @@ visual baseline. Mean pooling over tokens and L2 normalisation, as the sentence-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +81,16 @@ class SentenceEncoder:
                 if progress is not None:
                     progress(min(start + batch_size, len(order)), len(order))
         return vectors[position.reshape(-1)]
+
+
+def text_vectors(encoder: SentenceEncoder, texts: Iterable[str],
+                 known: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Each distinct text's unit vector: taken from `known` (e.g. the catalog names, embedded already) where it
+    is there, the others encoded in one call. A vector can differ from the same text's in another batch by float
+    rounding only (the batch's padding changes the matrix shapes, not the masked result)."""
+    known = known or {}
+    new = sorted({str(t or "") for t in texts} - known.keys())
+    return {**known, **dict(zip(new, encoder.encode(new)))}
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -51,6 +51,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
     if "skipped" not in evaluation:  # the second run's catalog came from the first's shared files
         assert evaluation["encoder_cache"]["images_reused"] > 0
         assert {"catalog_knn.npz", "catalog_knn.json"} <= set(evaluation["another_run_reused"])
+        texts = evaluation["semantic_texts"]  # every distinct caption embedded once, names' vectors reused
+        assert 0 < texts["once_texts"] < texts["per_column_texts"]
     assert benchmarks["search"]["naive_over_fts_p50"] > 1  # the index beats the Python loop even on 3k products
     browser = benchmarks["browser"]
     if "skipped" not in browser:  # CI installs Chromium; the first page's content showed in every visit

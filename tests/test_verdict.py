@@ -285,3 +285,31 @@ def test_sentence_embeddings_do_not_depend_on_repeats_order_or_batch():
     assert together.shape == (5, DIM) and np.allclose(np.linalg.norm(together, axis=1), 1, atol=1e-5)
     assert calls[-1] == (4, 4)  # the repeated name was embedded once
     assert float(together[0] @ together[2]) < 0.99 and encoder.encode([]).shape == (0, DIM)
+
+
+def test_text_vectors_take_known_ones_and_encode_the_rest_once():
+    from ris_core.sentence_encoder import text_vectors
+
+    class Counting:
+        calls: list[list[str]] = []
+
+        def encode(self, texts):
+            self.calls.append(list(texts))
+            return np.stack([np.full(3, len(t), dtype=np.float32) for t in texts])
+
+    known = {"Nike Men Black Shoes": np.zeros(3, dtype=np.float32)}
+    encoder = Counting()
+    vectors = text_vectors(encoder, ["Nike Men Black Shoes", "Bag", None, "Bag", "Puma Cap"], known)
+    assert encoder.calls == [["", "Bag", "Puma Cap"]]  # one call, each new text once, None as ""
+    assert vectors["Nike Men Black Shoes"] is known["Nike Men Black Shoes"] and vectors["Puma Cap"][0] == 8
+
+
+def test_semantic_scores_from_the_names_embeddings_equal_encoding_each_caption(verdict_run: Path):
+    """Captions that are catalog names take the names' vectors (embedded in other batches): float rounding only."""
+    from ris_core.sentence_encoder import SentenceEncoder, cosine_rows
+
+    captions = pd.read_csv(verdict_run / "eval" / files.CAPTIONS, keep_default_na=False)
+    encoder = SentenceEncoder.load()
+    for prefix, column in (("", "generated"), ("nn_", "nn_caption")):
+        direct = cosine_rows(encoder.encode(captions[column].tolist()), encoder.encode(captions["reference"].tolist()))
+        np.testing.assert_allclose(captions[f"{prefix}semantic"], direct, atol=2e-4)  # captions.csv keeps 4 decimals

@@ -47,7 +47,7 @@ from ris_core.schema import problems
 from ris_core.search import SearchResult, bm25
 from ris_core.search.catalog import FIELDS, CatalogIndex
 from ris_core.search.image_knn import ImageKnnIndex
-from ris_core.sentence_encoder import EncoderUnavailable, SentenceEncoder, cosine_rows
+from ris_core.sentence_encoder import EncoderUnavailable, SentenceEncoder, cosine_rows, text_vectors
 from ris_core.sharding import ShardedCaptioner, process_count
 from ris_core.strategies import STRATEGIES
 
@@ -241,8 +241,11 @@ def _evaluate(ctx: _Context, val_ids: list[int], train_ids: list[int], missing: 
         train_names = products.loc[knn.ids, "productDisplayName"].tolist()
         captions["seen"] = verdict.seen_flags(captions["reference"], train_names)
         encoder = _sentence_encoder()
+        # the catalog names' embeddings, which the contrastive baseline needs too, first: most captions are names
+        name_vectors = _name_embeddings(ctx, train_names, encoder) if _contrastive_on(ctx, encoder) else None
+        known = dict(zip(train_names, name_vectors)) if name_vectors is not None else None
         captions, metrics = _scored_captions(ctx, captions, nn_captions, missing, catalog_size=len(knn.ids),
-                                             encoder=encoder)
+                                             encoder=encoder, known_vectors=known)
     # 5. Every strategy's query against the catalog of training products; oracle and image kNN beside them
     with ctx.timed("searching the strategies"):
         train_products = products.loc[knn.ids.tolist()]
@@ -317,9 +320,13 @@ def _name_embeddings(ctx: _Context, names: list[str], encoder: SentenceEncoder) 
     return vectors
 
 
+def _contrastive_on(ctx: _Context, encoder: SentenceEncoder | None) -> bool:
+    return encoder is not None and ctx.config.contrastive.epochs > 0
+
+
 def _contrastive(ctx: _Context, knn: ImageKnnIndex, names: list[str], encoder: SentenceEncoder | None):
     """(the catalog names' MiniLM embeddings, the contrastive model trained on them), or (None, None)."""
-    if encoder is None or ctx.config.contrastive.epochs <= 0:
+    if not _contrastive_on(ctx, encoder):
         return None, None
     name_vectors = _name_embeddings(ctx, names, encoder)
     key = digest(ctx.state.get("knn_key"), ctx.state.get("names_key"), asdict(ctx.config.contrastive))
@@ -490,11 +497,13 @@ def _reranked(ctx: _Context, captions: pd.DataFrame, val_emb: np.ndarray, knn: I
 
 PERPLEXITY_DEFINITION = ("exp(mean cross-entropy per token of the captioner's tokenizer, EOS included, the first "
                          "token predicted from the decoder's start token)")
-METRIC_CODE = [Path(__file__).with_name("verdict.py"), Path(__file__).parents[1] / "metrics.py"]
+METRIC_CODE = [Path(__file__).with_name("verdict.py"), Path(__file__).parents[1] / "metrics.py",
+               Path(__file__).parents[1] / "sentence_encoder.py"]
 
 
 def _scored_captions(ctx: _Context, captions: pd.DataFrame, nn_captions: list[str], missing: int, catalog_size: int,
-                     encoder: SentenceEncoder | None) -> tuple[pd.DataFrame, dict]:
+                     encoder: SentenceEncoder | None, known_vectors: dict[str, np.ndarray] | None = None,
+                     ) -> tuple[pd.DataFrame, dict]:
     """`_caption_metrics`, written; read back when the same captions were scored by the same code before."""
     texts = captions[[c for c in ("id", "reference", "generated", "reranked", "seen") if c in captions]]
     key = digest(texts.astype(str).values.tolist(), nn_captions, encoder.name if encoder else None, missing,
@@ -506,7 +515,7 @@ def _scored_captions(ctx: _Context, captions: pd.DataFrame, nn_captions: list[st
         if scored is not None:
             logger.info("reusing the caption metrics of the same captions")
             return scored
-    captions, metrics = _caption_metrics(ctx, captions, nn_captions, missing, catalog_size, encoder)
+    captions, metrics = _caption_metrics(ctx, captions, nn_captions, missing, catalog_size, encoder, known_vectors)
     write_json_atomic(ctx.path(files.CAPTION_METRICS), metrics)
     ctx.state["metrics_key"] = key
     ctx.save_state()
@@ -527,7 +536,8 @@ def _read_scored(ctx: _Context, ids: list[int]) -> tuple[pd.DataFrame, dict] | N
 
 
 def _caption_metrics(ctx: _Context, captions: pd.DataFrame, nn_caption: list[str], missing: int, catalog_size: int,
-                     encoder: SentenceEncoder | None) -> tuple[pd.DataFrame, dict]:
+                     encoder: SentenceEncoder | None, known_vectors: dict[str, np.ndarray] | None = None,
+                     ) -> tuple[pd.DataFrame, dict]:
     """captions.csv with per-caption scores and attributes (written), and caption_metrics.json's content.
 
     CIDEr-D's document frequencies come from the references of all held-out products scored here; the seen and
@@ -543,13 +553,17 @@ def _caption_metrics(ctx: _Context, captions: pd.DataFrame, nn_caption: list[str
     decodings = {"model": "generated", "nn_caption_baseline": "nn_caption",
                  **({"reranked": "reranked"} if "reranked" in captions else {})}
     prefix = {"model": "", "nn_caption_baseline": "nn_", "reranked": "reranked_"}
-    reference_vectors = encoder.encode(references) if encoder is not None else None
+    if encoder is not None:  # every distinct text embedded once (most are catalog names, `known_vectors`)
+        vectors = text_vectors(encoder, [*references, *(t for c in decodings.values() for t in captions[c])],
+                               known_vectors)
+        reference_vectors = np.stack([vectors[str(t or "")] for t in references])
     for decoding, column in decodings.items():
         texts = captions[column].tolist()
         captions[f"{prefix[decoding]}cider_d"] = cider_d(texts, references)[1]
         captions[f"{prefix[decoding]}rouge_l"] = rouge_l(texts, references)[1]
-        if reference_vectors is not None:
-            captions[f"{prefix[decoding]}semantic"] = cosine_rows(encoder.encode(texts), reference_vectors)
+        if encoder is not None:
+            captions[f"{prefix[decoding]}semantic"] = cosine_rows(np.stack([vectors[str(t or "")] for t in texts]),
+                                                                  reference_vectors)
     attrs = ctx.products.loc[captions["id"], ATTRIBUTES].reset_index(drop=True)
     captions = pd.concat([captions.reset_index(drop=True), attrs], axis=1)
     write_csv_atomic(ctx.path(files.CAPTIONS), captions.round(4))
