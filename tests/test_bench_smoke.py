@@ -78,6 +78,22 @@ def test_resolution_probe_compares_the_same_held_out_products_at_two_sizes(tiny_
         probe(tiny_run, tiny_catalog, tmp_path / "elsewhere")
 
 
+def test_shrink_probe_leaves_out_the_demo_products_and_shrinks_each_way(tiny_run: Path, tiny_catalog: Path,
+                                                                         tmp_path: Path):
+    from PIL import Image
+
+    from bench.probe_shrink import probe, shrunk
+
+    photo = shrunk(Image.Resampling.BICUBIC, 75)(Image.new("RGB", (180, 240), (200, 30, 30)))
+    assert photo.size == (60, 80) and photo.mode == "RGB"  # shrunk to the 80-px side, then a JPEG round trip
+    result = probe(tiny_run, tiny_catalog, tiny_catalog, tmp_path / "no-demo", [50], [64], ["bicubic"])
+    assert result["products"] == 32 and set(result["ways"]) == {
+        "as the captioner shrinks it", "bicubic", "bicubic + JPEG q50", "bicubic to 64 px"}
+    assert result["ways"]["as the captioner shrinks it"]["identical_to_60x80"] == 1.0  # the same photos: same size
+    with pytest.raises(SystemExit, match="no held-out product"):  # every held-out product is a demo product
+        probe(tiny_run, tiny_catalog, tiny_catalog, tiny_catalog, [], [], ["bicubic"])
+
+
 def test_attribute_votes_weigh_neighbours_and_correct_only_gender_and_colour_words():
     import numpy as np
     import pandas as pd
