@@ -81,7 +81,7 @@ def semantic_texts(eval_dir: Path) -> dict:
     captions = pd.read_csv(eval_dir / files.CAPTIONS, keep_default_na=False)
     columns = [c for c in ("reference", "generated", "nn_caption", "reranked") if c in captions]
     names = json.loads((eval_dir / f"{files.CATALOG_KNN}.json").read_text())["names"]
-    known = dict(zip(names, np.load(eval_dir / files.NAME_EMBEDDINGS)))
+    known = dict(zip(names, np.load(eval_dir / files.NAME_EMBEDDINGS, allow_pickle=False)))
     encoder = SentenceEncoder.load()
     start = time.perf_counter()
     for column in columns:

@@ -80,12 +80,23 @@ def serve(captioner) -> None:
     """A non-main process: do its share of every order until the main process is done."""
     while (order := _broadcast(None)) != DONE:
         _work(captioner, order)
+    _leave()
 
 
 def release() -> None:
     """The main process is done: the others stop serving (a no-op with one process)."""
     if _distributed() is not None and _distributed().get_rank() == 0:
         _broadcast(DONE)
+        _leave()
+
+
+def _leave() -> None:
+    """Every process, once the main one is done: meet, then close the process group here. Left to interpreter
+    exit, gloo's threads can abort a process that has written everything ("terminate called without an active
+    exception", SIGABRT: pytorch/pytorch#190489); it happened once in CI."""
+    dist = _distributed()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class ShardedCaptioner:
