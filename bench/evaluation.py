@@ -97,12 +97,6 @@ def semantic_texts(eval_dir: Path) -> dict:
             "speedup": round(per_column / max(once, 1e-9), 2)}
 
 
-if __name__ == "__main__":
-    import sys
-
-    print(json.dumps(semantic_texts(Path(sys.argv[1])), indent=2))
-
-
 def rerun_seconds(args: list[str]) -> dict:
     """The same evaluation again, unchanged, then with one strategy changed (the paper's last two words become
     the last three): what an engineer waits for after editing a strategy. Captions, embeddings, rankings of
@@ -120,3 +114,9 @@ def rerun_seconds(args: list[str]) -> dict:
         changed, stages = timed()
     return {"rerun_unchanged_seconds": unchanged, "rerun_one_strategy_changed_seconds": changed,
             "rerun_one_strategy_changed_stage_seconds": stages}
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(semantic_texts(Path(sys.argv[1])), indent=2))
