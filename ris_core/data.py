@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ris_core.dataset_sources import CACHE_DIR, kaggle_layout
+from ris_core.dataset_sources import datasets_cache_dir, kaggle_layout
 from ris_core.errors import DataError, RunError
 from ris_core.files import write_json_atomic
 from ris_core.kaggle_layout import COLUMNS
@@ -97,14 +97,16 @@ def _unquote(name: str) -> str:
 REPAIRED = "__repaired"  # per row: its name was rejoined from unquoted commas (counted in the report)
 
 
-def read_styles(path: Path, cache_dir: Path = CACHE_DIR) -> tuple[pd.DataFrame, LoadReport]:
+def read_styles(path: Path, cache_dir: Path | None = None) -> tuple[pd.DataFrame, LoadReport]:
     """Read a Kaggle `styles.csv` through `datasets`, rejoining names that hold unquoted commas.
 
     The original file has 22 lines where `productDisplayName` (the last column) contains commas without quotes;
     pandas' and `datasets`' CSV readers drop or split them, so `datasets` builds the table from our own tolerant
-    rows (`Dataset.from_generator`, cached as Arrow under `cache_dir`, keyed by the file's bytes).
+    rows (`Dataset.from_generator`, cached as Arrow under `cache_dir` (default `datasets_cache_dir()`), keyed by
+    the file's bytes).
     """
     path = Path(path)
+    cache_dir = cache_dir or datasets_cache_dir()
     if not path.is_file():
         raise DataError(f"{path} not found: point --data_dir at a folder holding styles.csv and images/")
     raw = path.read_bytes()

@@ -10,8 +10,9 @@ file, whose stem is the id when no id column is given), a text column (the name 
 id column (the split is keyed by it, so a run trained on one copy evaluates on another) and, where present, the
 attribute columns the relevance levels use (articleType, gender, baseColour, ... under their Kaggle names, or
 renamed with `SourceColumns.rename`). It is written once as `styles.csv` + `images/<id>.jpg` under
-`.cache/datasets/<name>-<fingerprint>/` (atomically; reused while the source is unchanged); undecodable images are
-skipped with one warning line, and a source without the needed columns is one `DataError` naming them.
+`.cache/datasets/<name>-<fingerprint>/` (`$RIS_DATASETS_CACHE` moves it; atomically; reused while the source is
+unchanged); undecodable images are skipped with one warning line, and a source without the needed columns is one
+`DataError` naming them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ris_core.files import digest
 from ris_core.kaggle_layout import COLUMNS
 
 logger = logging.getLogger(__name__)
-CACHE_DIR = Path(".cache") / "datasets"
+CACHE_DIR = Path(".cache") / "datasets"  # under the working directory, unless $RIS_DATASETS_CACHE says elsewhere
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TEXT_COLUMNS = ("productDisplayName", "text", "caption", "title", "name")
 ID_COLUMNS = ("id", "item_ID", "product_id", "productId")
@@ -61,14 +62,20 @@ class SourceColumns:
         return cls(image=image, text=text, id=id, rename=pairs)
 
 
+def datasets_cache_dir() -> Path:
+    """Where Arrow caches and Kaggle-layout copies go, read at each call so a test session or a server can move it."""
+    return Path(os.environ.get("RIS_DATASETS_CACHE") or CACHE_DIR)
+
+
 def is_kaggle_folder(source: str | Path) -> bool:
     return (Path(source) / "styles.csv").is_file()
 
 
-def kaggle_layout(source: str | Path, columns: SourceColumns | None = None, cache_dir: Path = CACHE_DIR) -> Path:
+def kaggle_layout(source: str | Path, columns: SourceColumns | None = None, cache_dir: Path | None = None) -> Path:
     """`source` itself when it is a Kaggle folder, else its Kaggle-layout copy (written on first use)."""
     if is_kaggle_folder(source):
         return Path(source)
+    cache_dir = cache_dir or datasets_cache_dir()
     columns = columns or SourceColumns()
     dataset = open_dataset(str(source))
     name = re.sub(r"[^\w.-]+", "-", Path(str(source)).stem if Path(str(source)).exists() else str(source))[:60]

@@ -55,6 +55,15 @@ def shared_evaluation_files(tmp_path_factory) -> Path:
         yield folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def datasets_cache(tmp_path_factory) -> Path:
+    """Arrow caches of styles.csv and Kaggle-layout copies go to a folder of the session's, not the repo's .cache."""
+    folder = tmp_path_factory.mktemp("datasets-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RIS_DATASETS_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_catalog(tmp_path_factory) -> Path:
     return copy_catalog(tmp_path_factory.mktemp("tiny_catalog"), 160)

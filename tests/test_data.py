@@ -9,6 +9,7 @@ from PIL import Image
 
 from ris_core.data import DataError, Split, fingerprint, load_catalog, make_split, read_styles, verbatim_overlap
 from ris_core.tokenizer import EOS_TOKEN_ID, encode_captions, gpt2_tokenizer
+from tests.conftest import copy_catalog
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName\n"
 
@@ -94,6 +95,15 @@ def test_bad_data_folders_raise_one_clear_error(tmp_path, case):
         target, hint = tmp_path, "images"
     with pytest.raises(DataError, match=hint):
         load_catalog(target)
+
+
+def test_styles_cache_follows_the_environment(tmp_path, monkeypatch):
+    """The Arrow cache goes where $RIS_DATASETS_CACHE says at the time of the call (tests and servers move it)."""
+    root = copy_catalog(tmp_path / "catalog", 5)
+    monkeypatch.setenv("RIS_DATASETS_CACHE", str(tmp_path / "elsewhere"))
+    frame, _ = read_styles(root / "styles.csv")
+    assert len(frame) == 5
+    assert list((tmp_path / "elsewhere").rglob("*.arrow"))
 
 
 def test_demo_catalog_is_clean():
