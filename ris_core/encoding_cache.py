@@ -70,15 +70,16 @@ class EncodingCache:
         if not images:
             return compute(images)
         keys = [image_key(image) for image in images]
-        todo = [i for i, key in enumerate(keys) if key not in self._rows]
-        self.hits, self.misses = self.hits + len(images) - len(todo), self.misses + len(todo)
-        fresh: dict[int, tuple] = {}
+        # the kept rows are taken (and made recent) first: keeping the new ones may push out old ones of this batch
+        found = {i: self._use(key) for i, key in enumerate(keys) if key in self._rows}
+        todo = [i for i in range(len(images)) if i not in found]
+        self.hits, self.misses = self.hits + len(found), self.misses + len(todo)
         if todo:
             parts = compute([images[i] for i in todo])
             for row, i in enumerate(todo):
-                fresh[i] = tuple(None if part is None else part[row] for part in parts)
-                self._keep(keys[i], fresh[i])
-        rows = [fresh[i] if i in fresh else self._use(keys[i]) for i in range(len(images))]
+                found[i] = tuple(None if part is None else part[row] for part in parts)
+                self._keep(keys[i], found[i])
+        rows = [found[i] for i in range(len(images))]
         return tuple(None if rows[0][p] is None else torch.stack([r[p].float() for r in rows])
                      for p in range(len(rows[0])))
 

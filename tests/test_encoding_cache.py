@@ -65,6 +65,20 @@ def test_the_least_recently_used_image_goes_once_the_budget_is_spent():
     assert encoder.seen == 1
 
 
+def test_a_full_cache_answers_a_batch_whose_new_images_push_out_its_kept_ones():
+    """A batch of kept and new images when the budget is spent: the new ones push out the least recent rows,
+    which may be this batch's own kept ones (seen in a full evaluation of an fp32 captioner)."""
+    images = _images(4)
+    per_image = 8 * 6 * 3 * (2 + 4)
+    encoder, cache = CountingEncoder(), EncodingCache(budget_bytes=2 * per_image)
+    cache.encode(images[:2], encoder)
+    batch = [images[0], images[2], images[3], images[1]]  # two kept (the older first), two new
+    got = cache.encode(batch, encoder)
+    for part, want in zip(got[:2], CountingEncoder()(batch)[:2]):
+        assert torch.equal(part, want)
+    assert (cache.hits, cache.misses) == (2, 4) and len(cache) == 2 and cache.bytes == 2 * per_image
+
+
 def test_a_budget_too_small_for_one_image_keeps_nothing_and_still_encodes():
     encoder, cache = CountingEncoder(), EncodingCache(budget_bytes=10)
     images = _images(2)
