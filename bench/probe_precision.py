@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from bench.probe_throughput import BATCH, SHORTLIST, TOKENS
+from bench.train_steps import timed_step, trainable
 from ris_core import precision
 from ris_core.data import Split, load_catalog
 from ris_core.encoder_decoder import Captioner
@@ -25,7 +26,6 @@ from ris_core.images import open_image
 from ris_core.metrics import corpus_bleu
 from ris_core.modeling import ModelSpec, build_captioner
 from ris_core.runs import RESULTS_DIR
-from training.train import TrainableCaptioner
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = RESULTS_DIR / "runs" / "reference-cpu"
@@ -51,22 +51,12 @@ def extraction_rate(path: str, n: int = 128) -> float:
 
 
 def step_rate(bf16: bool, steps: int = 4) -> float:
-    base = build_captioner(ModelSpec())
-    model = TrainableCaptioner(config=base.config, encoder=base.encoder, decoder=base.decoder).train()
-    model.set_output_shortlist(set(range(SHORTLIST)))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = trainable(ModelSpec(), set(range(SHORTLIST)))
     mid, final = torch.randn(BATCH, 96, 8, 8), torch.randn(BATCH, 1280, 4, 4)
     labels = torch.randint(0, SHORTLIST, (BATCH, TOKENS + 2))
     labels[:, TOKENS], labels[:, TOKENS + 1 :] = 50256, -100
-    for i in range(steps + 1):
-        if i == 1:
-            started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(labels=labels, mid=mid, final=final).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return BATCH * steps / (time.perf_counter() - started)
+    timed_step(model, optimizer, labels, mid, final, bf16)  # warm-up
+    return BATCH * steps / sum(timed_step(model, optimizer, labels, mid, final, bf16) for _ in range(steps))
 
 
 def caption_agreement() -> dict:

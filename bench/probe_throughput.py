@@ -14,33 +14,23 @@ import time
 
 import torch
 
+from bench.train_steps import timed_step, trainable
 from ris_core.files import write_json_atomic
 from ris_core.modeling import ModelSpec, build_captioner
 from ris_core.runs import RESULTS_DIR
-from training.train import TrainableCaptioner
 
 BATCH, TOKENS, SHORTLIST = 64, 10, 7259  # 7,259 distinct GPT-2 tokens occur in the 44k product names
 
 
 def step_rate(multi_scale: bool, shortlist: bool, steps: int = 6) -> float:
-    base = build_captioner(ModelSpec(multi_scale=multi_scale))
-    model = TrainableCaptioner(config=base.config, encoder=base.encoder, decoder=base.decoder).train()
-    if shortlist:
-        model.set_output_shortlist(set(range(SHORTLIST)))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = trainable(ModelSpec(multi_scale=multi_scale), set(range(SHORTLIST)) if shortlist else None)
     mid, final = torch.randn(BATCH, 96, 8, 8), torch.randn(BATCH, 1280, 4, 4)
     labels = torch.randint(0, SHORTLIST, (BATCH, TOKENS + 2))
     labels[:, TOKENS] = 50256
     labels[:, TOKENS + 1 :] = -100
-    for i in range(steps + 2):
-        if i == 2:
-            started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(labels=labels, mid=mid, final=final).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return BATCH * steps / (time.perf_counter() - started)
+    for _ in range(2):  # warm-up
+        timed_step(model, optimizer, labels, mid, final, bf16=True)
+    return BATCH * steps / sum(timed_step(model, optimizer, labels, mid, final, bf16=True) for _ in range(steps))
 
 
 def extraction_rate(bf16: bool, n: int = 256) -> float:

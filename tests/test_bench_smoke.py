@@ -111,3 +111,14 @@ def test_attribute_votes_weigh_neighbours_and_correct_only_gender_and_colour_wor
     assert corrected("Nike Men Blue Shirt", "Women", 0.7, "Red", 0.7, colours, 0.8, 0.8) == "Nike Men Blue Shirt"
     assert corrected("Menthol Bluetooth Kit", "Women", 1.0, "Red", 1.0, colours, 0.0, 0.0) == \
         "Menthol Bluetooth Kit"  # whole words only
+
+
+def test_length_grouping_probe_times_both_orders_of_the_same_captions():
+    from bench.probe_length_grouping import measure
+
+    lengths = [2 + (7 * i) % 25 for i in range(320)]
+    out = measure([[11] * n for n in lengths], n_layer=1, batch_size=16, steps=2)
+    assert out["captions"] == 320 and out["timed_steps"] == 2
+    assert out["length_grouped_mean_batch_width"] < out["random_mean_batch_width"] <= max(lengths)
+    assert out["random_samples_per_second"] > 0 and out["length_grouped_samples_per_second"] > 0
+    assert out["speedup"] == round(out["length_grouped_samples_per_second"] / out["random_samples_per_second"], 2)

@@ -119,6 +119,10 @@ class RunArguments:
     output_shortlist: bool | None = field(
         default=None, metadata={"help": "train the output layer on caption tokens + one shared 'other' vector"}
     )
+    group_by_length: bool = field(default=False, metadata={
+        "help": "batches of captions of similar length, in random order (training.data.LengthBucketedSampler): "
+                "in random batches of 64, 46%% of the decoder's token positions are padding "
+                "(python -m bench.probe_length_grouping)"})
     seed: int = field(default=0, metadata={"help": "initialisation and shuffling seed"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size of the per-epoch validation pass"})
     report_to: str = field(default="none", metadata={

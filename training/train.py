@@ -44,6 +44,7 @@ from training.data import (
     CaptionDataset,
     JitteredViews,
     LargerPhotos,
+    LengthBucketedSampler,
     cached_backbone_maps,
     decode_images,
     make_collator,
@@ -55,7 +56,7 @@ RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name", 
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder, with --report_to tensorboard
 # arguments added after runs were already recorded, with the value those older runs implicitly used
 ADDED_SINCE = {"flip_p": 0.0, "split_by": "product", "larger_images_dir": None, "larger_images_p": 0.5,
-               "jitter_views": 0, "jitter_p": 0.4}
+               "jitter_views": 0, "jitter_p": 0.4, "group_by_length": False}
 
 
 class TrainableCaptioner(VisionEncoderDecoderModel):
@@ -97,6 +98,10 @@ class TrainableCaptioner(VisionEncoderDecoderModel):
             self.loss_sum = getattr(self, "loss_sum", 0.0) + loss.item() * tokens
             self.token_count = getattr(self, "token_count", 0) + tokens
             self.sample_count = getattr(self, "sample_count", 0) + labels.shape[0]
+            if getattr(self, "tokens_per_caption", None):
+                # length-grouped batches hold 2 to 20 tokens a caption: weigh every token alike, as the per-batch
+                # mean does for random batches (whose token counts barely differ), not every batch alike
+                loss = loss * (tokens / (labels.shape[0] * self.tokens_per_caption))
         return Seq2SeqLMOutput(loss=loss)
 
     def _shortlist_loss(self, encoder_hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -194,6 +199,18 @@ class StagedUnfreezing(TrainerCallback):
         for name, param in model.named_parameters():
             cross = "crossattention" in name or "ln_cross_attn" in name or "enc_to_dec_proj" in name
             param.requires_grad = cross or (stage >= 1 and name.startswith("decoder.")) or stage >= 2
+
+
+class CaptionTrainer(Trainer):
+    """Trainer whose length-grouped batches come in random order (`LengthBucketedSampler`), from the caption
+    lengths the dataset already holds."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, CaptionDataset):
+            return super()._get_train_sampler(train_dataset)
+        return LengthBucketedSampler([len(labels) for labels in dataset.labels],
+                                     self.args.train_batch_size * self.args.gradient_accumulation_steps)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -341,6 +358,8 @@ def main(argv: list[str] | None = None) -> Path:
     train_set, val_set = dataset(split.train_ids, augment=True), dataset(split.val_ids)
     if run_args.output_shortlist:
         model.set_output_shortlist({t for seq in train_set.labels for t in seq})
+    if run_args.group_by_length:
+        model.tokens_per_caption = sum(map(len, train_set.labels)) / len(train_set.labels)
     collate = make_collator(spec)
 
     # 6. Describe the run before the first step
@@ -379,6 +398,7 @@ def main(argv: list[str] | None = None) -> Path:
         max_grad_norm=1.0, seed=run_args.seed,
         bf16=run_args.precision == "bf16", fp16=run_args.precision == "fp16" and on_gpu,
         save_strategy="epoch", save_total_limit=1, eval_strategy="no",
+        train_sampling_strategy="group_by_length" if run_args.group_by_length else "random",
         logging_steps=50, report_to=reporting, remove_unused_columns=False, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # under accelerate launch / torchrun: every trainable weight is used
         use_cpu=not on_gpu,
@@ -387,9 +407,8 @@ def main(argv: list[str] | None = None) -> Path:
                              tensorboard="tensorboard" in reporting)]
     if run_args.staged_unfreezing:
         callbacks.append(StagedUnfreezing())
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
-                      data_collator=make_collator(spec, data_args.flip_p),
-                      callbacks=callbacks)
+    trainer = CaptionTrainer(model=model, args=training_args, train_dataset=train_set,
+                             data_collator=make_collator(spec, data_args.flip_p), callbacks=callbacks)
 
     # 8. Train (resuming from the last whole epoch if there is one)
     trainer.train(resume_from_checkpoint=last_checkpoint)
