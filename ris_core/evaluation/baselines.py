@@ -16,13 +16,9 @@ import numpy as np
 
 from ris_core.contrastive import ContrastiveModel
 from ris_core.hybrid import BlendPool, cross_fit, rrf
+from ris_core.search.cosine import exact_scores, exact_top, unit_rows
 
 DEPTH = 100  # candidates kept per query and side for fusion (the judged top 10 come from these)
-
-
-def unit(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return (matrix / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 @dataclass
@@ -39,33 +35,32 @@ class Space:
         self._row_of = {int(pid): j for j, pid in enumerate(self.ids)}
 
     def top(self, depth: int = DEPTH, chunk: int = 512) -> list[list[int]]:
-        """Every query's `depth` nearest catalog ids, best first (one matrix product per chunk of queries)."""
-        depth = min(depth, len(self.ids))
+        """Every query's `depth` nearest catalog ids, best first, ties by id (shortlisted by one matrix product
+        per chunk of queries, ranked by `exact_top`: the same order however the product was computed)."""
         out: list[list[int]] = []
         for start in range(0, len(self.queries), chunk):
-            scores = self.queries[start : start + chunk] @ self.catalog.T
-            part = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-            order = np.take_along_axis(scores, part, axis=1).argsort(axis=1, kind="stable")[:, ::-1]
-            out += self.ids[np.take_along_axis(part, order, axis=1)].tolist()
+            part = self.queries[start : start + chunk]
+            out += [self.ids[exact_top(row, self.catalog, self.ids, query, depth)[0]].tolist()
+                    for row, query in zip(part @ self.catalog.T, part)]
         return out
 
     def similarity(self, row: int, ids: Sequence[int]) -> np.ndarray:
-        """Cosine similarity of held-out photo `row` to the given catalog products."""
-        return self.catalog[[self._row_of[int(pid)] for pid in ids]] @ self.queries[row]
+        """Cosine similarity of held-out photo `row` to the given catalog products (`exact_scores`)."""
+        return exact_scores(self.catalog[[self._row_of[int(pid)] for pid in ids]], self.queries[row])
 
 
 def spaces(val_features: np.ndarray, catalog_features: np.ndarray, catalog_ids: np.ndarray,
            catalog_name_features: np.ndarray | None, model: ContrastiveModel | None) -> list[Space]:
     """The encoder's space, and with a contrastive model its image, image-to-name and combined spaces."""
-    found = [Space("image_knn:encoder", unit(val_features), unit(catalog_features), catalog_ids)]
+    found = [Space("image_knn:encoder", unit_rows(val_features), unit_rows(catalog_features), catalog_ids)]
     if model is None:
         return found
     photo, catalog_photo = model.embed_images(val_features), model.embed_images(catalog_features)
     found.append(Space("image_knn:clip", photo, catalog_photo, catalog_ids))
     if catalog_name_features is not None:
         found.append(Space("image_to_name:clip", photo, model.embed_texts(catalog_name_features), catalog_ids))
-    found.append(Space("image_knn:encoder+clip", unit(np.hstack([unit(val_features), photo])),
-                       unit(np.hstack([unit(catalog_features), catalog_photo])), catalog_ids))
+    found.append(Space("image_knn:encoder+clip", unit_rows(np.hstack([unit_rows(val_features), photo])),
+                       unit_rows(np.hstack([unit_rows(catalog_features), catalog_photo])), catalog_ids))
     return found
 
 

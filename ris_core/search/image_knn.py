@@ -17,11 +17,7 @@ import pandas as pd
 
 from ris_core.files import atomic_path, write_json_atomic
 from ris_core.search import SearchResponse, SearchResult
-
-
-def _normalise(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
-    return matrix / np.where(norms > 0, norms, 1.0)  # an all-zero row stays zero (cosine 0 with everything)
+from ris_core.search.cosine import exact_top, unit_rows
 
 
 class ImageKnnIndex:
@@ -42,7 +38,7 @@ class ImageKnnIndex:
                 f"ids ({n}), vectors ({vectors.shape[0]}), image_paths ({len(image_paths)}) and names "
                 f"({len(names)}) must have the same length"
             )
-        self.vectors = np.ascontiguousarray(_normalise(np.nan_to_num(vectors)), dtype=np.float32)
+        self.vectors = np.ascontiguousarray(unit_rows(np.nan_to_num(vectors)))
         self.image_paths = [str(p) for p in image_paths]
         self.names = [str(s) for s in names]
         self._row = {int(pid): i for i, pid in enumerate(self.ids)}
@@ -63,43 +59,35 @@ class ImageKnnIndex:
         q = np.nan_to_num(np.asarray(vector, dtype=np.float32).reshape(-1))
         if q.shape[0] != self.dim:
             raise ValueError(f"query vector has {q.shape[0]} dimensions, the index has {self.dim}")
-        scores = self.vectors @ _normalise(q)
+        q = unit_rows(q)
+        scores = self.vectors @ q
         if exclude_id is not None and int(exclude_id) in self._row:
             scores[self._row[int(exclude_id)]] = -np.inf
-            available = len(scores) - 1
-        else:
-            available = len(scores)
-        k = max(0, min(int(k), available))
-        results: list[SearchResult] = []
-        if k:
-            # argpartition finds the top k in O(n); only those k are then sorted.
-            top = np.argpartition(-scores, k - 1)[:k]
-            results = self._ranked(scores, top)
+        results = self._ranked(*exact_top(scores, self.vectors, self.ids, q, k))
         return SearchResponse(query=query, backend=self.name, results=results, seconds=time.perf_counter() - start)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, chunk: int = 256) -> list[SearchResponse]:
-        """`search_vector` for every row of `vectors`, scored as matrix products of `chunk` queries at a time
-        (a query at a time is a pass over the whole index each: ~10 ms for 40k products)."""
-        queries = _normalise(np.nan_to_num(np.asarray(vectors, dtype=np.float32)))
+        """`search_vector` for every row of `vectors`, shortlisted by matrix products of `chunk` queries at a
+        time (a query at a time is a pass over the whole index each: ~10 ms for 40k products)."""
+        queries = unit_rows(np.nan_to_num(np.asarray(vectors, dtype=np.float32)))
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"query vectors have shape {queries.shape}, the index has {self.dim} dimensions")
-        k = max(0, min(int(k), len(self)))
         out: list[SearchResponse] = []
         for start in range(0, len(queries), chunk):
             began = time.perf_counter()
-            scores = queries[start : start + chunk] @ self.vectors.T
-            tops = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k else np.zeros((len(scores), 0), dtype=int)
-            seconds = (time.perf_counter() - began) / max(len(scores), 1)
-            out += [SearchResponse(query="<image>", backend=self.name, results=self._ranked(row, top), seconds=seconds)
-                    for row, top in zip(scores, tops)]
+            part = queries[start : start + chunk]
+            ranked = [self._ranked(*exact_top(row, self.vectors, self.ids, query, k))
+                      for row, query in zip(part @ self.vectors.T, part)]
+            seconds = (time.perf_counter() - began) / max(len(part), 1)
+            out += [SearchResponse(query="<image>", backend=self.name, results=results, seconds=seconds)
+                    for results in ranked]
         return out
 
-    def _ranked(self, scores: np.ndarray, top: np.ndarray) -> list[SearchResult]:
-        """The products `top` as results, best score first, ties broken by id for stable output."""
-        top = top[np.lexsort((self.ids[top], -scores[top]))]
+    def _ranked(self, rows: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
+        """Catalog `rows` (best first, as `exact_top` orders them) as results."""
         return [SearchResult(rank=r, title=self.names[i], image=self.image_paths[i], thumbnail=self.image_paths[i],
-                             product_id=int(self.ids[i]), score=float(scores[i]))
-                for r, i in enumerate(top, start=1)]
+                             product_id=int(self.ids[i]), score=float(score))
+                for r, (i, score) in enumerate(zip(rows, scores), start=1)]
 
     @staticmethod
     def _paths(path: str | Path) -> tuple[Path, Path]:
