@@ -1,6 +1,6 @@
 """Training steps on random batches against length-grouped ones (`--group_by_length`), side by side.
 
-    python -m bench.probe_length_grouping                                   # the demo's names, ~1 min on 2 cores
+    python -m bench.probe_length_grouping                                   # the demo's names, ~20 s on 2 cores
     python -m bench.probe_length_grouping --data_dir ../shared/data/fashion-product-images-small --n_layer 8
 
 A batch is padded to its longest caption: in random batches of 64 product names most of the decoder's token
