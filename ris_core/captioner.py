@@ -60,6 +60,8 @@ class ImageCaptioner(Protocol):
 
     def log_likelihoods(self, images: list[Image.Image], candidates: list[list[str]]) -> list[np.ndarray]: ...
 
+    def backbone_arithmetic(self) -> str | None: ...
+
 
 def load_any_captioner(run_dir: str | Path, notebook_mode: str = DEFAULT_MODE) -> ImageCaptioner:
     """The captioner of any run folder: the notebook adapter for an imported paper notebook, else ours.

@@ -56,6 +56,10 @@ class CaptionerBase:
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         raise NotImplementedError
 
+    def backbone_arithmetic(self) -> str | None:
+        """How a frozen bf16/fp32 backbone computes on this machine, where the captioner has one."""
+        return None
+
     def caption(self, images: list[Image.Image], batch_size: int = 64, num_beams: int = 1) -> list[str]:
         captions: list[str] = []
         for start in range(0, len(images), batch_size):

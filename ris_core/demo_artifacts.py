@@ -3,11 +3,12 @@
     data/demo/precomputed/<run>.npz   the catalog's image embeddings as int8 (+ one scale per row), and the
                                       gallery photos' embeddings as float16
     data/demo/precomputed/<run>.json  the weights' sha256, the catalog it was built for, and per gallery photo
-                                      (by the sha256 of its bytes) its greedy and reranked captions
+                                      (by the sha256 of its bytes) its greedy and reranked captions, and how
+                                      the photos were shrunk to the training images' size
 
 Built by `python -m training.precompute_demo` with the same functions the demo calls live; int8 costs the image
 search some recall, measured at build time and recorded (`recall_at_10`). Artefacts that do not match the run's
-weights or the catalog are ignored with one log line: the demo then computes everything as before.
+weights, the catalog or the shrink are ignored with one log line: the demo then computes everything as before.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ris_core.files import atomic_path, digest, file_sha256, write_json_atomic
+from ris_core.images import SHRINK_NAME
 from ris_core.search.image_knn import ImageKnnIndex
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ def recall_at_k(exact: ImageKnnIndex, compact: ImageKnnIndex, queries: np.ndarra
 
 
 def save(data_dir: Path, run_name: str, *, weights: str, catalog: str, knn: ImageKnnIndex,
-         photos: list[GalleryPhoto], photo_sha: list[str], recall: float) -> tuple[Path, Path]:
+         photos: list[GalleryPhoto], photo_sha: list[str], recall: float,
+         arithmetic: str | None = None) -> tuple[Path, Path]:
     npz, meta = paths(data_dir, run_name)
     codes, scales = quantize(knn.vectors)
     embeddings = np.stack([p.embedding for p in photos]) if photos else np.zeros((0, knn.dim))
@@ -81,6 +84,8 @@ def save(data_dir: Path, run_name: str, *, weights: str, catalog: str, knn: Imag
                             photo_embeddings=embeddings.astype(np.float16))
     write_json_atomic(meta, {
         "version": VERSION, "run": run_name, "weights_sha256": weights, "catalog_key": catalog,
+        "shrink": SHRINK_NAME,  # the gallery photos are larger than the training images: captioned after a shrink
+        "backbone_arithmetic": arithmetic,  # where bf16 was emulated, a few captions differ from native bf16's
         "knn_rows": len(knn), "recall_at_10": round(recall, 4),
         "photos": [{"sha256": sha, "product_id": p.product_id, "greedy": p.greedy, "reranked": p.reranked,
                     "reranked_origin": p.reranked_origin} for sha, p in zip(photo_sha, photos, strict=True)],
@@ -113,6 +118,8 @@ def load(data_dir: Path, run_path: Path, ids: list[int], products: pd.DataFrame)
             raise ValueError("they were built with other weights")
         if info.get("catalog_key") != catalog_key(ids, products):
             raise ValueError("they were built for another catalog")
+        if info.get("shrink", "bilinear") != SHRINK_NAME:
+            raise ValueError(f"their captions saw photos shrunk {info.get('shrink', 'bilinear')}, not {SHRINK_NAME}")
         with np.load(npz, allow_pickle=False) as arrays:  # arrays only: never unpickle
             knn_ids, codes, scales = arrays["knn_ids"], arrays["knn_codes"], arrays["knn_scales"]
             embeddings = arrays["photo_embeddings"].astype(np.float32)

@@ -25,7 +25,7 @@ from ris_core.captioning import CaptionBatch, CaptionerBase
 from ris_core.encoding_cache import EncodingCache, Parts
 from ris_core.errors import CheckpointError
 from ris_core.files import digest
-from ris_core.images import square
+from ris_core.images import SHRINK_NAME, square
 from ris_core.modeling import (
     ModelSpec,
     image_processor,
@@ -132,16 +132,21 @@ class Captioner(CaptionerBase):
         another's catalog embeddings. None when the embedding is this model's own."""
         if not self.has_backbone or self.spec is None:
             return None
-        encoder = self.model.encoder
         weights = hashlib.sha256()
-        for name, tensor in sorted(encoder.backbone.state_dict().items()):
+        for name, tensor in sorted(self.model.encoder.backbone.state_dict().items()):
             weights.update(name.encode())
             weights.update(tensor.detach().contiguous().numpy().tobytes())
-        precision = encoder.config.backbone_precision
-        if precision != "fp32":
-            precision += "-native" if fast_bf16() else "-emulated"
-        return digest("frozen backbone", weights.hexdigest(), precision, self.spec.encoder, self.spec.image_size,
-                      self.spec.source_max_side, image_processor(self.spec).to_dict())
+        return digest("frozen backbone", weights.hexdigest(), self.backbone_arithmetic(), self.spec.encoder,
+                      self.spec.image_size, self.spec.source_max_side, SHRINK_NAME,
+                      image_processor(self.spec).to_dict())
+
+    def backbone_arithmetic(self) -> str | None:
+        """How the frozen backbone computes on this machine: "fp32", "bf16-native" or "bf16-emulated" (its float32
+        emulation where bf16 is slow: a few captions differ from native bf16's). None without such a backbone."""
+        if not self.has_backbone:
+            return None
+        precision = self.model.encoder.config.backbone_precision
+        return precision if precision == "fp32" else precision + ("-native" if fast_bf16() else "-emulated")
 
     def _pooled(self, parts: Parts) -> torch.Tensor:
         """(B, D) image embedding: the backbone's final map averaged (an ImageNet CNN embedding), else the tokens'."""

@@ -14,6 +14,11 @@ from ris_core.errors import ImageError
 MAX_PIXELS = 40_000_000  # a 100-megapixel upload is refused before it is decoded
 MAX_ASPECT = 25.0  # a 1 x 40,000,000 strip fits the pixel budget but is no photo (and costs gigabytes to pad)
 BACKGROUND = (255, 255, 255)  # product photos are shot on white; pad with the same
+# How a larger photo is brought down to the training images' resolution. Bicubic beat bilinear, lanczos, box and
+# JPEG round trips on held-out products outside data/demo for both runs probed (`python -m bench.probe_shrink`;
+# results/cpu-preset.md, "Shrinking larger photos another way"). Part of every cache key of shrunk images.
+SHRINK = Image.Resampling.BICUBIC
+SHRINK_NAME = SHRINK.name.lower()
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS,
@@ -70,15 +75,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def square(image: Image.Image, size: int, source_max_side: int | None = None) -> Image.Image:
-    """Pad to a white square and resize to `size`.
+def shrink_to_source(image: Image.Image, source_max_side: int | None) -> Image.Image:
+    """A photo larger than `source_max_side` shrunk (aspect kept) to the resolution the model was trained on
+    (60x80 for the small dataset), so a sharp 240-px photo looks like the training data; others unchanged."""
+    if not source_max_side or max(image.size) <= source_max_side:
+        return image
+    image = image.copy()
+    image.thumbnail((source_max_side, source_max_side), SHRINK)
+    return image
 
-    `source_max_side` first shrinks large inputs to the resolution the model was trained on
-    (60x80 for the small dataset), so a sharp 240-px photo looks like the training data.
-    """
-    if source_max_side and max(image.size) > source_max_side:
-        image = image.copy()
-        image.thumbnail((source_max_side, source_max_side), Image.Resampling.BILINEAR)
+
+def square(image: Image.Image, size: int, source_max_side: int | None = None) -> Image.Image:
+    """Pad to a white square and resize to `size`, after `shrink_to_source(image, source_max_side)`."""
+    image = shrink_to_source(image, source_max_side)
     if max(image.size) > 4 * size:  # e.g. 1x39999: padding first would allocate gigabytes
         image = image.copy()
         image.thumbnail((4 * size, 4 * size), Image.Resampling.BILINEAR)

@@ -3,6 +3,7 @@ trusted when they do not match."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def test_artifacts_load_for_their_run_and_catalog(shipped) -> None:
     assert knn.names == ["Red Shirt", "Blue Jeans"] and knn.image_paths[0] == "/images/11.jpg"
 
 
-@pytest.mark.parametrize("change", ["weights", "catalog", "names", "torn", "arrays"])
+@pytest.mark.parametrize("change", ["weights", "catalog", "names", "torn", "arrays", "shrink", "no shrink"])
 def test_artifacts_that_do_not_match_are_ignored_with_one_line(shipped, change, caplog) -> None:
     data, run, ids, products = shipped
     npz, meta = demo_artifacts.paths(data, run.name)
@@ -70,6 +71,12 @@ def test_artifacts_that_do_not_match_are_ignored_with_one_line(shipped, change, 
         products.loc[11, "productDisplayName"] = "Green Shirt"
     elif change == "torn":
         npz.write_bytes(npz.read_bytes()[:40])
+    elif change in ("shrink", "no shrink"):  # captions made from photos shrunk another way (files before the change)
+        info = json.loads(meta.read_text())
+        info["shrink"] = "lanczos"
+        if change == "no shrink":
+            del info["shrink"]
+        meta.write_text(json.dumps(info))
     elif change == "arrays":
         meta.write_text(meta.read_text().replace('"photos": [', '"photos": [{"sha256": "x", "product_id": 1, '
                                                   '"greedy": "", "reranked": null, "reranked_origin": ""}, '))

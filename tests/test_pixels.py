@@ -1,4 +1,5 @@
-"""Pixels for the encoder: the lookup-table path equals the image processor's bit for bit."""
+"""Pixels for the encoder: larger photos shrunk as tuned, and the lookup-table path equals the image processor's
+bit for bit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ris_core.images import open_image, square
+from ris_core.data import load_catalog
+from ris_core.encoder_decoder import Captioner
+from ris_core.images import open_image, shrink_to_source, square
 from ris_core.modeling import ModelSpec, image_processor, pixel_values
 from tests.conftest import REPO
 
@@ -34,3 +37,36 @@ def test_images_not_at_the_model_s_size_go_through_the_processor():
     expected = image_processor(spec)(images=odd, return_tensors="pt")["pixel_values"]
     assert torch.equal(pixel_values(spec, odd), expected)
     assert pixel_values(spec, odd).shape == (2, 3, spec.image_size, spec.image_size)
+
+
+def test_larger_photos_are_shrunk_to_the_training_size_bicubic():
+    """Bicubic won the shrink probe (bench/probe_shrink.py) on held-out products outside data/demo."""
+    photo = open_image(sorted(Path(REPO / "data/demo/images").glob("*.jpg"))[0])
+    size = photo.size
+    assert max(size) > 80
+    shrunk = shrink_to_source(photo, 80)
+    assert max(shrunk.size) == 80 and photo.size == size  # aspect kept; the caller's image untouched
+    ways = {}
+    for name, resample in (("bicubic", Image.Resampling.BICUBIC), ("bilinear", Image.Resampling.BILINEAR)):
+        ways[name] = photo.copy()
+        ways[name].thumbnail((80, 80), resample)
+    assert np.array_equal(np.asarray(shrunk), np.asarray(ways["bicubic"]))
+    assert not np.array_equal(np.asarray(shrunk), np.asarray(ways["bilinear"]))  # the choice shows in the pixels
+    small = Image.new("RGB", (60, 80), (1, 2, 3))
+    assert shrink_to_source(small, 80) is small and shrink_to_source(photo, None) is photo
+    assert np.array_equal(np.asarray(square(photo, 128, 80)), np.asarray(square(shrunk, 128)))
+
+
+def test_every_cache_of_shrunk_photos_keys_on_the_shrink(tiny_run, tiny_catalog, monkeypatch):
+    """Maps, embeddings and captions of photos shrunk another way are other files, never reused."""
+    import ris_core.encoder_decoder
+    import training.data
+
+    captioner = Captioner.load(tiny_run)
+    catalog = load_catalog(tiny_catalog)
+    ids = [int(i) for i in catalog.products.index[:3]]
+    before = captioner.embedding_key(), training.data._cache_key(catalog, ids, captioner.spec)
+    monkeypatch.setattr(ris_core.encoder_decoder, "SHRINK_NAME", "lanczos")
+    monkeypatch.setattr(training.data, "SHRINK_NAME", "lanczos")
+    after = captioner.embedding_key(), training.data._cache_key(catalog, ids, captioner.spec)
+    assert before[0] is not None and before[0] != after[0] and before[1] != after[1]

@@ -285,6 +285,9 @@ def test_training_with_a_folder_of_larger_photos(tiny_catalog: Path, tmp_path: P
     assert f"of {n_train} training products" in shown and 40 < int(shown.split("larger photos: ")[1].split()[0]) < 90
     info = json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())
     assert info["args"]["larger_images_dir"] == str(larger)
+    other_split = run_cli([*tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", "other", epochs=1),
+                           "--larger_images_dir", str(larger), "--split_seed", "1"], timeout=300)
+    assert other_split.returncode == 0 and "extracting" not in other_split.stderr  # the first split's files serve
     empty = tmp_path / "empty"
     (empty / "images").mkdir(parents=True)
     refused = run_cli([*tiny_train_args(tiny_catalog, tmp_path / "runs2", tmp_path / "cache", epochs=1),
@@ -303,6 +306,27 @@ def test_training_with_jittered_views(tiny_catalog: Path, tmp_path: Path):
     assert info["args"]["jitter_views"] == 2 and info["status"] == "complete"
     refused = run_cli([*args, "--jitter_views", "1", "--cache_features", "false", "--run_name", "other"])
     assert refused.returncode != 0 and "--jitter_views works on cached" in refused.stderr
+    files = sorted((tmp_path / "cache" / "features").glob("*.safetensors"))
+    other_split = run_cli([*args, "--jitter_views", "2", "--split_seed", "1", "--run_name", "other-split"], timeout=300)
+    assert other_split.returncode == 0, other_split.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "other-split" / "split.json").read_text())["train_ids"] != json.loads(
+        (tmp_path / "runs" / "tiny" / "split.json").read_text())["train_ids"]
+    assert "extracting" not in other_split.stderr  # every view of every product was extracted for the first split
+    assert sorted((tmp_path / "cache" / "features").glob("*.safetensors")) == files
+
+
+def test_a_products_jittered_view_does_not_depend_on_the_products_beside_it(tiny_catalog: Path):
+    from ris_core.data import load_catalog
+    from ris_core.modeling import ModelSpec
+    from training.data import decode_images
+
+    catalog, spec = load_catalog(tiny_catalog), ModelSpec()
+    ids = [int(i) for i in catalog.products.index[:6]]
+    together, kept, _ = decode_images(catalog, ids, spec, jitter_seed=0)
+    alone, _, _ = decode_images(catalog, ids[3:4], spec, jitter_seed=0)
+    assert kept == ids and torch.equal(together[3], alone[0])
+    other_seed, _, _ = decode_images(catalog, ids[3:4], spec, jitter_seed=1)
+    assert not torch.equal(alone[0], other_seed[0])
 
 
 def test_jitter_is_a_seeded_crop_rescale_and_mirror_that_keeps_most_of_the_photo():

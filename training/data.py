@@ -18,7 +18,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ris_core.data import Catalog
 from ris_core.files import atomic_path, digest, write_json_atomic
-from ris_core.images import BACKGROUND, ImageError, open_image, square
+from ris_core.images import BACKGROUND, SHRINK_NAME, ImageError, open_image, square
 from ris_core.modeling import ModelSpec, image_processor
 from ris_core.precision import fast_bf16
 
@@ -30,18 +30,18 @@ def decode_images(catalog: Catalog, ids: list[int], spec: ModelSpec,
     """All images as one uint8 tensor (N, 3, S, S), decoded and resized once.
 
     Returns the tensor, the ids it holds, and the ids whose image could not be decoded (skipped).
-    `jitter_seed` crops, rescales and mirrors each image at random first (`jitter`), the same way every time.
+    `jitter_seed` crops, rescales and mirrors each image at random first (`jitter`), the same way every time:
+    each product's draw depends on the seed and its id only, not on which other products are decoded with it.
     """
     size = spec.image_size
     pixels = np.empty((len(ids), size, size, 3), dtype=np.uint8)
     kept, broken = [], []
-    rng = np.random.default_rng(jitter_seed)
     desc = "decoding images" if jitter_seed is None else f"decoding jittered images (view {jitter_seed})"
     for pid in tqdm(ids, desc=desc, unit="img", mininterval=2):
         try:
             image = open_image(catalog.image_path(pid))
             if jitter_seed is not None:
-                image = jitter(image, rng)
+                image = jitter(image, np.random.default_rng([jitter_seed, int(pid)]))
             image = square(image, size, spec.source_max_side)
         except ImageError as err:
             logger.warning("skipping product %s: %s", pid, err)
@@ -92,9 +92,10 @@ def _cache_key(catalog: Catalog, ids: list[int], spec: ModelSpec, jitter_seed: i
         "ids": [int(i) for i in ids],
         "encoder": spec.encoder, "image_size": spec.image_size, "source_max_side": spec.source_max_side,
         "version": 2,  # 2: backbone in bf16 autocast
+        "shrink": SHRINK_NAME,  # how larger photos were brought to source_max_side
     }
     if jitter_seed is not None:  # another draw, or other bounds, are other maps
-        ident["jitter"] = [jitter_seed, JITTER_AREA, JITTER_ASPECT, JITTER_MARGIN]
+        ident["jitter"] = [jitter_seed, JITTER_AREA, JITTER_ASPECT, JITTER_MARGIN, "drawn per product"]
     if spec.backbone_precision != "bf16" or not fast_bf16():  # fp32 maps, or bf16 emulated: not the same bytes
         ident["backbone"] = spec.backbone_precision if spec.backbone_precision != "bf16" else "bf16-emulated"
     return digest(ident)

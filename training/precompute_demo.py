@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     recall = demo_artifacts.recall_at_k(knn, compact, [p.embedding for p in photos])
     written = demo_artifacts.save(args.data_dir, run.name, weights=demo_artifacts.weights_sha256(run.path),
                                   catalog=demo_artifacts.catalog_key(ids, catalog.products), knn=knn,
-                                  photos=photos, photo_sha=shas, recall=recall)
+                                  photos=photos, photo_sha=shas, recall=recall,
+                                  arithmetic=captioner.backbone_arithmetic())
     logger.info("image search recall@10, int8 vs float32, over the %d gallery photos: %.4f", len(photos), recall)
     logger.info("wrote %s (%.1f MB) and %s", written[0], written[0].stat().st_size / 1e6, written[1])
     return written

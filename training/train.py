@@ -328,11 +328,11 @@ def main(argv: list[str] | None = None) -> Path:
     larger = None
     if data_args.larger_images_dir:
         with processes.main_process_first():
-            larger = larger_photo_maps(model, catalog, split.train_ids, spec, data_args)
+            larger = larger_photo_maps(model, catalog, kept, split.train_ids, spec, data_args)
     jittered = None
     if data_args.jitter_views:
         with processes.main_process_first():
-            jittered = jittered_maps(model, catalog, split.train_ids, spec, data_args)
+            jittered = jittered_maps(model, catalog, kept, split.train_ids, spec, data_args)
 
     # 5. Tokenize captions (GPT-2 BPE + EOS) and assemble the datasets
     names = catalog.products["productDisplayName"]
@@ -421,14 +421,18 @@ def main(argv: list[str] | None = None) -> Path:
     return run_dir
 
 
-def larger_photo_maps(model, catalog, train_ids: list[int], spec, data_args) -> dict:
-    """Cached maps of the training products that --larger_images_dir also holds (plain, and mirrored with flips)."""
+def larger_photo_maps(model, catalog, ids: list[int], train_ids: list[int], spec, data_args) -> dict:
+    """Cached maps of the training products that --larger_images_dir also holds (plain, and mirrored with flips).
+
+    Extracted for every product of `ids` there, so that another split of the same data reuses the files; only
+    `train_ids` are ever shown."""
     folder = Path(data_args.larger_images_dir)
     if not (folder / "images").is_dir():
         raise DataError(f"--larger_images_dir {folder}: no images/ folder (the Kaggle layout keeps images/<id>.jpg)")
     larger = replace(catalog, image_dir=folder / "images")
-    ids = [i for i in train_ids if larger.image_path(i).is_file()]
-    if not ids:
+    training = set(train_ids)
+    ids = [i for i in ids if larger.image_path(i).is_file()]
+    if not training.intersection(ids):
         raise DataError(f"--larger_images_dir {folder}: none of the {len(train_ids)} training products is there")
     cache = Path(data_args.cache_dir)
     maps, _ = cached_backbone_maps(model, larger, ids, spec, cache)
@@ -436,24 +440,29 @@ def larger_photo_maps(model, catalog, train_ids: list[int], spec, data_args) -> 
     if data_args.flip_p > 0:
         flipped, _ = cached_backbone_maps(model, larger, ids, spec, cache, mirrored=True)
         mirrored = (flipped["mid"], flipped["final"])
-    logger.info("larger photos: %d of %d training products (shown with chance %.2f)", len(maps["ids"]),
+    row_of = {int(pid): r for r, pid in enumerate(maps["ids"].tolist()) if int(pid) in training}
+    logger.info("larger photos: %d of %d training products (shown with chance %.2f)", len(row_of),
                 len(train_ids), data_args.larger_images_p)
-    return {"row_of": {int(pid): r for r, pid in enumerate(maps["ids"].tolist())},
-            "maps": (maps["mid"], maps["final"]), "mirrored": mirrored}
+    return {"row_of": row_of, "maps": (maps["mid"], maps["final"]), "mirrored": mirrored}
 
 
-def jittered_maps(model, catalog, train_ids: list[int], spec, data_args) -> dict:
-    """Cached maps of --jitter_views seeded random crops/rescalings/mirrorings of the training images."""
-    views, ids = [], None
+def jittered_maps(model, catalog, ids: list[int], train_ids: list[int], spec, data_args) -> dict:
+    """Cached maps of --jitter_views seeded random crops/rescalings/mirrorings of the training images.
+
+    Extracted for every product of `ids` (each drawn from its own seed), so that another split of the same data
+    reuses the files; only `train_ids` are ever shown."""
+    views, held = [], None
     for seed in range(data_args.jitter_views):
-        maps, _ = cached_backbone_maps(model, catalog, train_ids, spec, Path(data_args.cache_dir), jitter_seed=seed)
-        if ids is not None and not torch.equal(ids, maps["ids"]):  # the same files: only a changed disk does this
+        maps, _ = cached_backbone_maps(model, catalog, ids, spec, Path(data_args.cache_dir), jitter_seed=seed)
+        if held is not None and not torch.equal(held, maps["ids"]):  # the same files: only a changed disk does this
             raise DataError(f"jittered view {seed} holds other products than view 0; clear {data_args.cache_dir}")
-        ids = maps["ids"]
+        held = maps["ids"]
         views.append((maps["mid"], maps["final"]))
-    logger.info("jittered views: %d of %d training products, %d views (shown with chance %.2f)", len(ids),
+    training = set(train_ids)
+    row_of = {int(pid): r for r, pid in enumerate(held.tolist()) if int(pid) in training}
+    logger.info("jittered views: %d of %d training products, %d views (shown with chance %.2f)", len(row_of),
                 len(train_ids), len(views), data_args.jitter_p)
-    return {"row_of": {int(pid): r for r, pid in enumerate(ids.tolist())}, "views": views}
+    return {"row_of": row_of, "views": views}
 
 
 def cli() -> None:

@@ -36,7 +36,7 @@ from ris_core.errors import DataError, ImageError, RunError
 from ris_core.evaluation import baselines, files, shared, verdict
 from ris_core.evaluation.rankings_cache import RankingsCache
 from ris_core.files import digest, file_sha256, load_npy, save_npy_atomic, write_csv_atomic, write_json_atomic
-from ris_core.images import open_image
+from ris_core.images import SHRINK_NAME, open_image
 from ris_core.jobs import exclusive
 from ris_core.metrics import caption_metrics, cider_d, exact_match, last_words_match, rouge_l, sentence_bleu
 from ris_core.refine import CaptionCache, refine
@@ -374,7 +374,7 @@ def _caption_held_out(ctx: _Context, val_ids: list[int]) -> tuple[pd.DataFrame, 
     """(captions: id, reference, generated[, reranked]; pooled embeddings; the key they were computed under)."""
     config, state = ctx.config, ctx.state
     captions_path, embeddings_path = ctx.path(files.CAPTIONS), ctx.path(files.VAL_EMBEDDINGS)
-    val_key = digest(ctx.model_key, str(ctx.data_dir.resolve()), val_ids, config.num_beams)
+    val_key = digest(ctx.model_key, str(ctx.data_dir.resolve()), val_ids, config.num_beams, SHRINK_NAME)
     if (not config.force and state.get("captions_key") == val_key and captions_path.is_file()
             and load_npy(embeddings_path) is not None):
         logger.info("reusing %s", captions_path)
