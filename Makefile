@@ -45,7 +45,7 @@ evaluate-reference: install
 	$(PY) -m training.evaluate --run results/runs/reference-cpu --data_dir $(SMALL)
 demo-catalog: install
 	$(PY) -m training.make_demo_catalog --source ../shared/data/fashion-product-images --run results/runs/reference-cpu --out data/demo
-# what the search demo ships precomputed for the reference run (data/demo/precomputed/; ~2 min)
+# what the search demo ships precomputed for the reference run (data/demo/precomputed/; 2-3 min on 2 cores)
 precompute-demo: install
 	$(PY) -m training.precompute_demo --run results/runs/reference-cpu --data_dir data/demo
 

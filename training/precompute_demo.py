@@ -4,7 +4,7 @@
 
 Embeds the catalog's searchable (training) images, and captions and reranks each held-out (gallery) photo one at
 a time, exactly as the demo does live; then stores the embeddings as int8 and prints the image search's
-recall@10 against the float32 index. About two minutes for data/demo on 2 cores.
+recall@10 against the float32 index. 2-3 minutes for data/demo on 2 cores.
 """
 
 from __future__ import annotations
