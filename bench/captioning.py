@@ -5,7 +5,8 @@ encoder FLOPs at the bf16 rate (the frozen backbone runs under bf16 autocast; at
 the backbone emulates it in float32) plus decoder FLOPs at the fp32 rate.
 `x_floor` = measured seconds per caption / floor seconds per caption (1.0 would be perfect).
 Beside it, a reranked caption (ris_core/rerank.py: 5 beams + 10 catalog names, scored on both views) per image,
-and its cost as a multiple of the greedy caption's, measured in the same run on the same images. `full_head_*`:
+and its cost as a multiple of the greedy caption's, measured in the same run on the same images, at batch 1, 16
+(the target's) and 64 (the evaluation's). `full_head_*`:
 the same figures with the plain 50,257-way output layer instead of the shortlist head (ris_core/output_head.py);
 `generate_*`: with transformers' generate() instead of step-by-step decoding (ris_core/decoding.py).
 `rows_reranked_*`: reranked with each candidate scored as its own padded row instead of over the image's prefix
@@ -191,7 +192,9 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
             f"batch_{batch}_floor_images_per_second": round(1 / floor, 1),
             f"batch_{batch}_x_floor": round((1 / rate) / floor, 1),
         })
-    for batch, count in ((small, 2 if quick else 8), (16 if not quick else 2, 4 if quick else 32)):
+    # batch 16 is the target's; 64 is the evaluation's (ris_core.evaluation.pipeline._reranked)
+    for batch, count in ((small, 2 if quick else 8), (16 if not quick else 2, 4 if quick else 32),
+                         (4 if quick else 64, 4 if quick else 64)):
         reranked = reranked_per_second(captioner, images[:count], batch, 1)
         greedy = images_per_second(captioner, images[:count], batch, 1)
         out.update({f"reranked_batch_{batch}_images_per_second": round(reranked, 2),

@@ -122,3 +122,26 @@ def test_length_grouping_probe_times_both_orders_of_the_same_captions():
     assert out["length_grouped_mean_batch_width"] < out["random_mean_batch_width"] <= max(lengths)
     assert out["random_samples_per_second"] > 0 and out["length_grouped_samples_per_second"] > 0
     assert out["speedup"] == round(out["length_grouped_samples_per_second"] / out["random_samples_per_second"], 2)
+
+
+def test_consensus_probe_scores_cider_like_pycocoevalcap_and_picks_by_weighted_agreement():
+    import numpy as np
+
+    from bench.probe_consensus import TrainingCider, mbr_picks
+    from ris_core.metrics import cider_d
+
+    names = ["Nike Men Blue Running Shoes", "Puma Men Black Sports Shoes", "Adidas Women Pink Top",
+             "Nike Women Black Top", "Fila Men White Shoes"]
+    hypotheses = ["Nike Men Black Running Shoes", "Puma Women Pink Top", "Nike Top", "Fila", "Adidas Men Shoes"]
+    library = cider_d(hypotheses, names)[1]  # each against its own name, frequencies from the five names
+    ours = TrainingCider(names)
+    for hypothesis, name, expected in zip(hypotheses, names, library, strict=True):
+        assert ours.matrix([hypothesis, name])[0, 1] == pytest.approx(expected, rel=1e-9)
+    assert ours.matrix(["Nike Top", "Nike Top"])[0, 0] > ours.matrix(["Nike Top", "Puma Top"])[0, 1]
+
+    pool = [{"text": t, "score": s} for t, s in (("Puma Men Red Shoes", 5.0), ("Nike Men Blue Shoes", 0.0),
+                                                  ("Nike Men Blue Sports Shoes", 0.0))]
+    sim = np.array([[1.0, 0.1, 0.1], [0.1, 1.0, 0.8], [0.1, 0.8, 1.0]])
+    assert mbr_picks([pool], [sim], 0.1) == [0]  # a cold weighting: the best score alone
+    assert mbr_picks([pool], [sim], float("inf")) == [1]  # all alike: the one most like the others (first of a tie)
+    assert mbr_picks([[]], [np.zeros((0, 0))], 1.0) == [-1]  # no candidates: the caller keeps its own caption
