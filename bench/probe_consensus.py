@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--out", type=Path, default=None, help="also write the table as CSV here")
     args = parser.parse_args(argv)
     run = Run(args.run)
+    needed = [run.eval_dir / name for name in (files.CAPTIONS, files.VAL_EMBEDDINGS, files.CATALOG_KNN + ".npz")]
+    if missing := [path.name for path in needed if not path.is_file()]:
+        raise SystemExit(f"error: {run.eval_dir} has no {', '.join(missing)}: the repository ships evaluations "
+                         "without them; evaluate a copy of the run first (python -m training.evaluate --run <copy>)")
     data_dir = resolve_data_dir(run, args.data_dir)
     captions = pd.read_csv(run.eval_dir / files.CAPTIONS, keep_default_na=False)
     captions["seen"] = captions["seen"].astype(str).str.lower().eq("true")

@@ -145,3 +145,12 @@ def test_consensus_probe_scores_cider_like_pycocoevalcap_and_picks_by_weighted_a
     assert mbr_picks([pool], [sim], 0.1) == [0]  # a cold weighting: the best score alone
     assert mbr_picks([pool], [sim], float("inf")) == [1]  # all alike: the one most like the others (first of a tie)
     assert mbr_picks([[]], [np.zeros((0, 0))], 1.0) == [-1]  # no candidates: the caller keeps its own caption
+
+
+def test_consensus_probe_says_which_evaluation_files_it_needs(tmp_path: Path):
+    from bench.probe_consensus import main
+
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "captions.csv").write_text("id,reference,generated\n")  # as the repository ships it
+    with pytest.raises(SystemExit, match="no val_embeddings.npy, catalog_knn.npz: .* evaluate a copy"):
+        main(["--run", str(tmp_path / "run")])
