@@ -1,6 +1,6 @@
 """Would a consensus pick among the reranker's candidates describe novel products better? Minimum Bayes risk.
 
-    python -m bench.probe_consensus --run results/runs/grouped-cpu   # needs the run's evaluation; ~6 min
+    python -m bench.probe_consensus --run <evaluated copy of a run>   # ~7 min; --k 20 --num_beams 10: larger pools
 
 Per held-out product, the reranker's candidate pool (the greedy caption, 5 beam hypotheses, the names of the 10
 visually nearest training products) with each candidate's rerank score (`ris_core/rerank.py`), computed once and
@@ -41,10 +41,11 @@ TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, float("inf"))  # nats
 CACHE = Path(".cache/probes")
 
 
-def candidate_pools(run: Run, captions: pd.DataFrame, data_dir: Path, batch_size: int = 16) -> list[list[dict]]:
+def candidate_pools(run: Run, captions: pd.DataFrame, data_dir: Path, config: RerankConfig = RerankConfig(),
+                    batch_size: int = 16) -> list[list[dict]]:
     """Per held-out product, its candidates best first: text, score, log_likelihood, similarity, generated."""
     key = digest("consensus-pools", (run.model_dir / "model.safetensors").stat().st_mtime_ns,
-                 captions[["id", "generated"]].values.tolist(), sorted(vars(RerankConfig()).items()))
+                 captions[["id", "generated"]].values.tolist(), sorted(vars(config).items()))
     path = CACHE / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -52,7 +53,7 @@ def candidate_pools(run: Run, captions: pd.DataFrame, data_dir: Path, batch_size
     catalog = load_catalog(data_dir)
     index = ImageKnnIndex.load(run.eval_dir / files.CATALOG_KNN)
     vectors = np.load(run.eval_dir / files.VAL_EMBEDDINGS, allow_pickle=False)
-    nearest = index.search_vectors(vectors, k=RerankConfig().k)
+    nearest = index.search_vectors(vectors, k=config.k)
     pools: list[list[dict]] = []
     for start in tqdm(range(0, len(captions), batch_size), desc="candidate pools", unit="batch", mininterval=5):
         rows = range(start, min(start + batch_size, len(captions)))
@@ -64,7 +65,7 @@ def candidate_pools(run: Run, captions: pd.DataFrame, data_dir: Path, batch_size
             except ImageError:
                 continue
         ranked = rerank(captioner, images, [captions["generated"].iloc[r] for r in kept],
-                        [[(hit.title, hit.score) for hit in nearest[r].results] for r in kept])
+                        [[(hit.title, hit.score) for hit in nearest[r].results] for r in kept], config)
         found = dict(zip(kept, ranked))
         pools += [[vars(c) for c in found.get(row, [])] for row in rows]
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--data_dir", type=Path, default=None)
+    parser.add_argument("--k", type=int, default=RerankConfig.k, help="visually nearest training names in a pool")
+    parser.add_argument("--num_beams", type=int, default=RerankConfig.num_beams, help="beam hypotheses in a pool")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as CSV here")
     args = parser.parse_args(argv)
     run = Run(args.run)
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     data_dir = resolve_data_dir(run, args.data_dir)
     captions = pd.read_csv(run.eval_dir / files.CAPTIONS, keep_default_na=False)
     captions["seen"] = captions["seen"].astype(str).str.lower().eq("true")
-    pools = candidate_pools(run, captions, data_dir)
+    pools = candidate_pools(run, captions, data_dir, RerankConfig(k=args.k, num_beams=args.num_beams))
     references = captions["reference"].tolist()
     cider = slot_cider(pools, references)
     products = load_catalog(data_dir, require_images=False).products
