@@ -25,12 +25,13 @@ import pandas as pd
 from pycocoevalcap.cider.cider_scorer import CiderScorer, precook
 from tqdm.auto import tqdm
 
+from bench.common import REPO
 from ris_core.captioner import load_any_captioner
 from ris_core.data import Split, load_catalog
 from ris_core.errors import ImageError
 from ris_core.evaluation import files
 from ris_core.evaluation.pipeline import resolve_data_dir
-from ris_core.files import digest, write_json_atomic
+from ris_core.files import digest, file_sha256, write_json_atomic
 from ris_core.images import open_image
 from ris_core.metrics import cider_d, coco_tokens, corpus_bleu_4, sentence_bleu
 from ris_core.rerank import RerankConfig, rerank
@@ -38,14 +39,15 @@ from ris_core.runs import Run
 from ris_core.search.image_knn import ImageKnnIndex
 
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, float("inf"))  # nats; inf = every candidate alike
-CACHE = Path(".cache/probes")
+CACHE = REPO / ".cache" / "probes"
 
 
 def candidate_pools(run: Run, captions: pd.DataFrame, data_dir: Path, config: RerankConfig = RerankConfig(),
                     batch_size: int = 16) -> list[list[dict]]:
     """Per held-out product, its candidates best first: text, score, log_likelihood, similarity, generated."""
-    key = digest("consensus-pools", (run.model_dir / "model.safetensors").stat().st_mtime_ns,
-                 captions[["id", "generated"]].values.tolist(), sorted(vars(config).items()))
+    key = digest("consensus-pools", (run.model_dir / "model.safetensors").stat().st_mtime_ns, str(data_dir.resolve()),
+                 file_sha256(run.eval_dir / files.VAL_EMBEDDINGS), captions[["id", "generated"]].values.tolist(),
+                 sorted(vars(config).items()))
     path = CACHE / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
