@@ -166,7 +166,7 @@ def caption_panel(run: Run, photo: Photo, image, data_dir, train_ids: list[int],
     cached = key in done
     if not cached:
         with st.spinner("Captioning..."):
-            done[key] = loaders.photo_caption(run, digest, image)  # computed once for all sessions
+            done[key] = loaders.photo_caption(run, digest, image, data_dir, train_ids)  # once for all sessions
     greedy, embedding, caption_ms = done[key]
     text, reranked_note, best = greedy, None, None
     block = st.empty()  # the caption is shown as soon as it exists; the reranked one replaces it when ready

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ris_core import decoding
 from ris_core.allocator import keep_freed_memory
 from ris_core.captioning import CaptionBatch, CaptionerBase
+from ris_core.draft import NameDraft
 from ris_core.encoding_cache import EncodingCache, Parts
 from ris_core.errors import CheckpointError
 from ris_core.files import digest
@@ -64,6 +65,7 @@ class Captioner(CaptionerBase):
     fast_decoding: bool = True  # ris_core.decoding where the model allows it; False: transformers' generate()
     tree_scoring: bool = True  # with fast decoding, candidates scored over prefix trees; False: one row each
     encodings: EncodingCache | None = None  # set: images met before skip the encoder (an evaluation sets one)
+    draft: NameDraft | None = None  # set: a single image's greedy caption checks guesses from these names
 
     @classmethod
     def load(cls, path: str | Path) -> Captioner:
@@ -79,6 +81,10 @@ class Captioner(CaptionerBase):
         processor, tokenizer = _saved_text_and_image_parts(model_dir)
         _fill_generation_ids(model, tokenizer)
         return cls(model=model, spec=None, name=path.name, processor=processor, tokenizer=tokenizer)
+
+    def draft_from(self, names: list[str]) -> NameDraft:
+        """A draft of these names (e.g. the training products' names) for single images' greedy captions."""
+        return NameDraft(self.token_ids(names), self.eos_token_id)
 
     @property
     def decodes_fast(self) -> bool:
@@ -175,6 +181,9 @@ class Captioner(CaptionerBase):
             out.loss_sum, out.tokens = loss.item() * tokens, tokens
         if num_beams > 1:
             out.captions = [beams[0] for beams in self.n_best(encoded, num_beams, max_new_tokens)]
+        elif self.decodes_fast and self.draft is not None and len(hidden) == 1:
+            out.captions = self._texts([decoding.drafted_greedy(self.model.decoder, hidden, self.start_token_id,
+                                                                self.eos_token_id, max_new_tokens, self.draft)])
         elif self.decodes_fast:
             out.captions = self._texts(decoding.greedy(self.model.decoder, hidden, self.start_token_id,
                                                        self.eos_token_id, max_new_tokens))

@@ -18,7 +18,7 @@ EXPECTED = {
     "captioning": {"model", "batch_1_images_per_second", "batch_4_images_per_second", "batch_1_gflops_per_caption",
                    "batch_1_x_floor", "batch_4_x_floor", "matmul_fp32_gflops", "matmul_bf16_gflops",
                    "reranked_batch_1_images_per_second", "reranked_batch_1_x_greedy", "rerank_stage_ms_per_image",
-                   "rows_reranked_batch_2_images_per_second"},
+                   "rows_reranked_batch_2_images_per_second", "drafted_batch_1"},
     "training": {"samples_per_second", "projected_epoch_minutes_39990", "shortlist_tokens", "batch_size"},
     "search": {"index_seconds", "query_p50_ms", "query_p99_ms", "naive_p50_ms", "naive_over_fts_p50", "products"},
     "dashboard": {"model", *(f"{kind}_{page}_seconds" for kind in ("cold", "warm", "switch_to")
@@ -45,6 +45,11 @@ def test_quick_bench_writes_every_figure(tmp_path):
     for name, keys in EXPECTED.items():
         if "skipped" not in benchmarks[name]:
             assert keys <= set(benchmarks[name]), (name, keys - set(benchmarks[name]))
+    drafted = benchmarks["captioning"]["drafted_batch_1"]
+    if "skipped" not in drafted:  # the same captions never take more steps with guesses than without
+        assert drafted["photos"] == 4 and drafted["draft_names"] > 0
+        assert drafted["identical_captions"] < 1 or drafted["drafted_steps_per_caption"] <= drafted[
+            "plain_steps_per_caption"]
     evaluation = benchmarks["evaluation"]
     assert "skipped" in evaluation or {"wall_seconds", "held_out_scored", "catalog_products", "rerun_unchanged_seconds",
                                        "rerun_one_strategy_changed_seconds", "another_run_seconds"} <= set(evaluation)
@@ -64,6 +69,26 @@ def test_quick_bench_writes_every_figure(tmp_path):
         cold = browser["search_demo_cold"]  # both uploads were answered on screen (else a TimeoutError)
         assert cold["upload_after_gallery"]["all_results_seconds"] > 0 < cold["upload_10s_later"]["caption_seconds"]
     assert "benchmark  figure" in done.stdout  # the printed table
+
+
+def test_reranked_rate_encodes_each_image_once_a_pass_and_keeps_the_callers_cache(tiny_run: Path,
+                                                                                  tiny_catalog: Path):
+    from bench import captioning
+    from ris_core.encoder_decoder import Captioner
+    from ris_core.encoding_cache import EncodingCache
+    from ris_core.images import open_image
+
+    captioner = Captioner.load(tiny_run)
+    images = [open_image(p) for p in sorted((tiny_catalog / "images").glob("*.jpg"))[:4]]
+    computed: list[int] = []  # images through the encoder (preprocessing runs only for those not cached)
+    preprocess = captioner.preprocess
+    captioner.preprocess = lambda todo: (computed.append(len(todo)), preprocess(todo))[1]
+    mine = EncodingCache(1 << 20)
+    captioner.encodings = mine
+    assert captioning.reranked_per_second(captioner, images, 2, repeats=1) > 0
+    # the greedy pass encodes each image; the reranking's two views find the direct one cached (the mirror is new)
+    assert sum(computed) == 2 * (len(images) + len(images))  # 2 passes (warm-up + 1) x (direct + mirror)
+    assert captioner.encodings is mine and mine.hits == mine.misses == 0  # each pass had its own empty cache
 
 
 def test_resolution_probe_compares_the_same_held_out_products_at_two_sizes(tiny_run: Path, tiny_catalog: Path,

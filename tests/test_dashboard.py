@@ -26,7 +26,7 @@ from streamlit.testing.v1 import AppTest
 
 from ris_app.history_io import parse_history
 from ris_app.navigation import PAGES
-from ris_core.runs import RESULTS_DIR
+from ris_core.runs import RESULTS_DIR, Run
 from ris_core.search import SearchResponse, SearchResult, SearchUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -569,6 +569,11 @@ def test_search_demo_gallery_pick_shows_caption_queries_and_timings(runs_root):
     body = texts(at)
     assert "Caption:" in body and "captioned in" in body and "search:" in body
     assert len(queries(at)) == 4  # two strategies, the hybrid and the visual baseline
+    from ris_app import loaders
+
+    # the photo was captioned with the catalog's names as guesses (ris_core.draft): the captioner kept them
+    draft = loaders.captioner(Run(runs_root / "evaluated")).draft
+    assert draft is not None and len(draft.propose([], 4)) > 0
     gallery = [b for b in at.button if b.key and b.key.startswith("demo_pick_")]
     gallery[-1].click().run()
     assert_clean(at)

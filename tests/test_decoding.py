@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ris_core import decoding
+from ris_core.draft import NameDraft
 from ris_core.encoder_decoder import Captioner
 from ris_core.modeling import ModelSpec, build_captioner
 from ris_core.output_head import ShortlistHead
@@ -114,3 +115,47 @@ def test_prefix_tree_likelihoods_equal_one_row_per_candidate(reference: Captione
     for a, b, t in zip(slow, fast, texts, strict=True):
         assert len(a) == len(b) == len(t) and list(b) == pytest.approx(list(a), abs=1e-3)
     assert fast[5][5] == fast[5][8] and fast[5][0] != fast[5][1]  # a repeat scores alike; beams differ
+
+
+def test_drafted_greedy_keeps_the_greedy_caption_whatever_the_guesses(reference: Captioner, images, monkeypatch):
+    """No guesses, good ones (names), near-perfect ones (the captions themselves), useless ones, and a length limit
+    inside a guess: the same captions as plain greedy one image at a time, in fewer steps when the guesses are
+    good."""
+    import pandas as pd
+
+    captioner = reference
+    plain = captioner.caption(images, batch_size=1)
+    short = [captioner.run_batch([im], max_new_tokens=3).captions[0] for im in images[:4]]
+    names = pd.read_csv(REPO / "data" / "demo" / "styles.csv")["productDisplayName"].dropna().astype(str).tolist()
+    steps: list[int] = []  # positions fed at each decoder step
+    extend = decoding.IncrementalDecoder.extend
+    monkeypatch.setattr(decoding.IncrementalDecoder, "extend",
+                        lambda state, tokens: (steps.append(tokens.shape[1]), extend(state, tokens))[1])
+    drafts = {"none": NameDraft([], captioner.eos_token_id), "names": captioner.draft_from(names),
+              "the captions": captioner.draft_from(plain),
+              "useless": NameDraft([[11, 11, 11, captioner.eos_token_id]] * 3, captioner.eos_token_id)}
+    taken = {}
+    for name, draft in drafts.items():
+        captioner.draft, steps[:] = draft, []
+        assert captioner.caption(images, batch_size=1) == plain, name
+        taken[name] = len(steps)
+        assert [captioner.run_batch([im], max_new_tokens=3).captions[0] for im in images[:4]] == short, name
+        if name == "none":  # a step a token, as plain greedy
+            assert set(steps) == {1}
+    assert taken["names"] < 0.8 * taken["none"] and taken["the captions"] < 0.5 * taken["none"]
+    captioner.draft = None
+    with pytest.raises(ValueError, match="one image"):
+        decoding.drafted_greedy(captioner.model.decoder, torch.zeros(2, 4, 256), 0, 0, 8, drafts["none"])
+
+
+def test_name_draft_follows_the_commonest_name_then_the_last_tokens():
+    end = 0
+    draft = NameDraft([[1, 2, 3, end], [1, 2, 3, end], [1, 2, 4, end], [5, 2, 4, 6, end], [5, 2, 4, 6, end]], end)
+    assert draft.propose([], 8) == [1, 2, 3, end]  # from the start: the commonest name, end token included
+    assert draft.propose([1, 2], 8) == [3, end] and draft.propose([1, 2, 3], 1) == [end]
+    assert draft.propose([5], 2) == [2, 4]  # the only name beginning so, cut at max_tokens
+    # a prefix no name begins with: the commonest token after its last two, then after its last one
+    assert draft.propose([9, 2, 4], 8) == [6, end]
+    assert draft.propose([9, 9, 3], 8) == [end]
+    assert draft.propose([9, 9, 7], 8) == [] and draft.propose([], 0) == []
+    assert NameDraft([], end).propose([1], 4) == []
