@@ -142,7 +142,6 @@ class IncrementalDecoder:
         self.length += 1
         return t.ln_f(hidden)
 
-
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
         """The final hidden states (rows, m, D) after feeding each row m tokens at once (one row per image), each
         position attending to the buffered ones and to those before it. `length` may be set back afterwards to

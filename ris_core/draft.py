@@ -1,11 +1,11 @@
 """A guess at how a caption goes on, from product names: the draft of speculative greedy decoding.
 
 At batch 1 a decoder step costs about the same for one position as for several (it streams the decoder's weights
-either way), so `ris_core.decoding.greedy` can check a guessed continuation in one step and keep the part the model
-would have chosen itself: the caption is the greedy caption, in fewer steps. Most greedy captions are a training
-name or close to one (64% verbatim for the reference run), so names are good guesses:
+either way), so `ris_core.decoding.drafted_greedy` can check a guessed continuation in one step and keep the part
+the model would have chosen itself: the caption is the greedy caption, in fewer steps. Most greedy captions are a
+training name or close to one (64% verbatim for the reference run), so names are good guesses:
 
-    draft = NameDraft(token_ids_of_training_names)  # each sequence ending with the end token
+    draft = NameDraft(token_ids_of_training_names, end_token_id)  # each sequence ending with the end token
     draft.propose([...caption so far...], 8)  # the likeliest continuation, up to 8 tokens
 
 While the caption so far is the beginning of some name, the guess follows the most common continuation among the
