@@ -28,10 +28,10 @@ VIEWS = [  # (file, url path, query parameters, text to wait for, heading to scr
     ("query_strategies_precision_at_k", "query_strategies", {"run": REFERENCE}, "All held-out products",
      "Precision at every cut-off"),
     ("training_curves", "training_curves",
-     {"runs": [REFERENCE, "ablation-cpu-ep10", "ablation-cpu-ep16", "paper-2024"], "log": "true"}, "Best epochs",
-     None),
+     {"runs": [REFERENCE, "ablation-cpu-flips-wd0.1", "ablation-cpu-ep10", "paper-2024"], "log": "true"},
+     "Best epochs", None),
     ("training_curves_differing_arguments", "training_curves",
-     {"runs": [REFERENCE, "ablation-cpu-ep10", "ablation-cpu-ep16"]}, "Best epochs", "What differs"),
+     {"runs": [REFERENCE, "ablation-cpu-flips-wd0.1", "ablation-cpu-jitter-6layers"]}, "Best epochs", "What differs"),
 ]
 
 
