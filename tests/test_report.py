@@ -43,6 +43,8 @@ def test_the_report_prints_every_section(capsys) -> None:
     for heading in ("### Training history", "### Caption quality: seen and novel products", "### Verdict (R1)",
                     "### Retrieval (R1, novel products)", "### Refinement (R3)"):
         assert heading in out
+    novel = out.split("### Retrieval (R1, novel products)")[1].split("###")[0]
+    assert "| image_knn:encoder |" in novel and "Paired P@10" not in novel  # the pairs are over all products
 
 
 def test_the_papers_table_one_is_kept_whole_beside_the_notebooks_later_figure():

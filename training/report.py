@@ -128,7 +128,7 @@ def retrieval_table(run: Run, level: str = "R1", subset: str = "all") -> str:
         low, high = r["p_at_10_ci"]
         lines.append(f"| {r['strategy']} | {r['source']} | {r['p_at_1']:.3f} | {r['p_at_10']:.3f} "
                      f"[{low:.3f}, {high:.3f}] | {r['mrr']:.3f} | {r['ndcg_at_10']:.3f} | {r['zero_hit']:.3f} |")
-    for pair in summary["paired"]:
+    for pair in summary["paired"] if subset == "all" else []:  # paired over all queries: the verdict has novel
         if pair["a"].endswith("+refine"):
             continue
         diff = pair[f"{level}_p_at_10"]
