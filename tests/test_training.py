@@ -223,7 +223,7 @@ def test_a_run_recorded_before_an_argument_existed_resumes_with_that_arguments_o
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"args": {"epochs": 10}}))  # written before --flip_p existed
     assert open_run_dir(run_dir, {"epochs": 10, "flip_p": 0.0}) is True
-    with pytest.raises(RunError, match="differs in: flip_p"):
+    with pytest.raises(RunError, match="differs in: flip_p 0.0 there, 0.5 now"):
         open_run_dir(run_dir, {"epochs": 10, "flip_p": 0.5})
     assert json.loads((run_dir / "run.json").read_text()) == {"args": {"epochs": 10}}
 

@@ -256,10 +256,11 @@ def open_run_dir(run_dir: Path, resolved: dict) -> bool:
         resolved = {**ADDED_SINCE, **resolved}  # an argument added since counts as its old value on both sides
         differ = sorted(k for k in set(saved) | set(resolved)
                         if k not in RESUME_MAY_DIFFER and saved.get(k) != resolved.get(k))
-        if differ:
+        if differ:  # both values: a run of an older preset resumes with its values passed as flags
+            values = "; ".join(f"{k} {saved.get(k)!r} there, {resolved.get(k)!r} now" for k in differ)
             raise RunError(
-                f"{run_dir} holds a different run (differs in: {', '.join(differ)}); nothing was changed. "
-                "Pass another --run_name, or repeat that run's own command to resume it"
+                f"{run_dir} holds a different run (differs in: {values}); nothing was changed. "
+                "Pass another --run_name, or that run's values as flags to resume it"
             )
         return True
     run_dir.mkdir(parents=True, exist_ok=True)
