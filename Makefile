@@ -37,7 +37,7 @@ lint: install
 bench: install
 	$(PY) -m bench.run
 
-# The committed reference run and its evaluation: about 75 + 10 minutes on 2 AVX-512 cores (bf16); without
+# The committed reference run and its evaluation: about 75 + 13 minutes on 2 AVX-512 cores (bf16); without
 # AVX-512 training falls back to fp32 by itself (114 min for the same recipe, results/cpu-preset.md)
 SMALL ?= ../shared/data/fashion-product-images-small
 LARGER ?= ../shared/data/fashion-product-images
