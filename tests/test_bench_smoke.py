@@ -179,3 +179,32 @@ def test_consensus_probe_says_which_evaluation_files_it_needs(tmp_path: Path):
     (tmp_path / "run" / "eval" / "captions.csv").write_text("id,reference,generated\n")  # as the repository ships it
     with pytest.raises(SystemExit, match="no val_embeddings.npy, catalog_knn.npz: .* evaluate a copy"):
         main(["--run", str(tmp_path / "run")])
+
+
+def test_novel_words_probe_splits_cider_by_first_word_and_scores_the_oracles_like_the_evaluation():
+    import pandas as pd
+
+    from bench.probe_novel_words import with_word_of, word_table
+    from ris_core.metrics import cider_d
+
+    references = ["Nike Men Blue Shoes", "Puma Women Red Top", "Fila Men White Shoes", "Nike Women Black Top"]
+    generated = ["Nike Men Blue Sneakers", "Adidas Women Red Top", "Fila Men White Shoes", "Puma Women Black Shirt"]
+    captions = pd.DataFrame({"reference": references, "generated": generated, "seen": [False, False, False, True],
+                             "cider_d": cider_d(generated, references)[1]})
+    assert with_word_of("Adidas Women Red Top", "Puma Women Red Top", 0) == "Puma Women Red Top"
+    assert with_word_of("Nike Men Blue Sneakers", "Nike Men Blue Shoes", -1) == "Nike Men Blue Shoes"
+    table = word_table(captions, "generated", "cider_d", ["Fila Men White Shoes", "Nike Men Grey Shoes"], target=3.0)
+    novel, seen = table.loc["novel"], table.loc["seen"]
+    assert novel["products"] == 3 and seen["products"] == 1
+    assert novel["verbatim_training_name"] == pytest.approx(1 / 3)  # "Fila Men White Shoes" only
+    assert novel["first_word_right"] == pytest.approx(2 / 3) and seen["first_word_right"] == 0
+    assert novel["first_word_known_brand"] == pytest.approx(2 / 3)  # Puma starts no training name
+    scores = captions["cider_d"]
+    assert novel["cider_d_first_wrong"] == pytest.approx(scores[1])
+    assert novel["cider_d_first_right"] == pytest.approx((scores[0] + scores[2]) / 2)
+    oracle = cider_d(["Nike Men Blue Sneakers", "Puma Women Red Top", "Fila Men White Shoes",
+                      "Nike Women Black Shirt"], references)[1]
+    assert novel["oracle_first_word_cider_d"] == pytest.approx(sum(oracle[:3]) / 3)
+    assert novel["oracle_first_word_cider_d"] > novel["cider_d"]  # the wrong brand of product 2 put right
+    assert novel["first_word_right_needed"] == pytest.approx(
+        (3.0 - scores[1]) / ((scores[0] + scores[2]) / 2 - scores[1]))
