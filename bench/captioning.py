@@ -213,6 +213,9 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
         greedy = images_per_second(captioner, images[:count], batch, 1)
         out.update({f"reranked_batch_{batch}_images_per_second": round(reranked, 2),
                     f"reranked_batch_{batch}_x_greedy": round(greedy / reranked, 1)})
+    if hasattr(getattr(captioner.model.decoder, "transformer", None), "h"):  # a GPT-2 decoder
+        out["batch_1_weight_stream"] = weight_stream(captioner, out[f"batch_{small}_tokens_per_caption"],
+                                                     200 if quick else 2000, images[: 2 if quick else 16])
     if hasattr(captioner, "draft"):
         out["drafted_batch_1"] = drafted_batch_1(captioner, 4 if quick else 32, 1 if quick else 3)
     if hasattr(captioner.model.encoder, "backbone_maps"):
@@ -244,6 +247,57 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
         finally:
             captioner.model.decoder.lm_head = head
     out.update(matmul_fp32_gflops=round(fp32, 1), matmul_bf16_gflops=round(bf16, 1))
+    return out
+
+
+def _step_matmuls(block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """A GPT-2 block's matmuls that run at every decoding step (not cross-attention's keys and values)."""
+    return (block.attn.c_attn, block.attn.c_proj, block.crossattention.q_attn, block.crossattention.c_proj,
+            block.mlp.c_fc, block.mlp.c_proj)
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_stream(captioner, tokens_per_caption: float, repeats: int, photos: list | None = None) -> dict:
+    """Batch 1's other floor: every decoder step reads all of the blocks' and the output layer's weights for one row.
+
+    The bytes a step reads (the six per-step matmuls of each block, the output layer's rows; cross-attention keys
+    and values are projected once per photo), the rate the first block's matmuls read their weights at batch 1
+    here, and the captions per second the decoder could not exceed at that rate. With `photos`, also one photo's
+    encoder pass as measured (no cache) and the captions per second of both together."""
+    transformer = captioner.model.decoder.transformer
+    head = captioner.model.decoder.lm_head
+    step_bytes = (sum(_bytes(layer.weight) for block in transformer.h for layer in _step_matmuls(block))
+                  + _bytes(head.rows if isinstance(head, ShortlistHead) else head.weight))
+    first = _step_matmuls(transformer.h[0])
+    inputs = [torch.randn(1, layer.weight.shape[0]) for layer in first]  # GPT-2's Conv1D: weight is (in, out)
+    with torch.inference_mode():
+        for _ in range(repeats // 10):  # warm-up
+            for layer, x in zip(first, inputs):
+                layer(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for layer, x in zip(first, inputs):
+                layer(x)
+        seconds = (time.perf_counter() - start) / repeats
+    rate = sum(_bytes(layer.weight) for layer in first) / seconds
+    decoder_seconds = step_bytes * tokens_per_caption / rate
+    out = {"decoder_mb_per_step": round(step_bytes / 1e6, 1), "gb_per_second": round(rate / 1e9, 1),
+           "decoder_floor_images_per_second": round(1 / decoder_seconds, 1)}
+    if photos and hasattr(captioner, "encode"):
+        kept, captioner.encodings = getattr(captioner, "encodings", None), None  # every pass computed
+        try:
+            captioner.encode(photos[:1])  # warm-up at batch 1
+            start = time.perf_counter()
+            for photo in photos:
+                captioner.encode([photo])
+            encoder_seconds = (time.perf_counter() - start) / len(photos)
+        finally:
+            captioner.encodings = kept
+        out.update(encoder_ms=round(encoder_seconds * 1e3, 2),
+                   with_encoder_images_per_second=round(1 / (encoder_seconds + decoder_seconds), 1))
     return out
 
 

@@ -1,6 +1,6 @@
 """Run the benchmarks, print one table, and write results/bench.json (atomically) with the machine and the date.
 
-    python -m bench.run                          # everything, full sizes (make bench); ~3 min on 2 idle cores
+    python -m bench.run                          # everything, full sizes (make bench); ~8 min on 2 idle cores
     python -m bench.run --quick --out /tmp/b.json  # tiny sizes: a smoke run in about 20 s
     python -m bench.run --only search captioning   # some of them
     python -m bench.run --load                     # also bench/load_dashboard.py: 20 sessions for 60 s (+1.5 min)

@@ -18,7 +18,7 @@ EXPECTED = {
     "captioning": {"model", "batch_1_images_per_second", "batch_4_images_per_second", "batch_1_gflops_per_caption",
                    "batch_1_x_floor", "batch_4_x_floor", "matmul_fp32_gflops", "matmul_bf16_gflops",
                    "reranked_batch_1_images_per_second", "reranked_batch_1_x_greedy", "rerank_stage_ms_per_image",
-                   "rows_reranked_batch_2_images_per_second", "drafted_batch_1"},
+                   "rows_reranked_batch_2_images_per_second", "drafted_batch_1", "batch_1_weight_stream"},
     "training": {"samples_per_second", "projected_epoch_minutes_39990", "shortlist_tokens", "batch_size"},
     "search": {"index_seconds", "query_p50_ms", "query_p99_ms", "naive_p50_ms", "naive_over_fts_p50", "products"},
     "dashboard": {"model", *(f"{kind}_{page}_seconds" for kind in ("cold", "warm", "switch_to")
@@ -208,3 +208,29 @@ def test_novel_words_probe_splits_cider_by_first_word_and_scores_the_oracles_lik
     assert novel["oracle_first_word_cider_d"] > novel["cider_d"]  # the wrong brand of product 2 put right
     assert novel["first_word_right_needed"] == pytest.approx(
         (3.0 - scores[1]) / ((scores[0] + scores[2]) / 2 - scores[1]))
+
+
+def test_weight_stream_counts_every_per_step_weight_once_and_its_floor_follows_from_the_rate():
+    from PIL import Image
+
+    from bench.captioning import weight_stream
+    from ris_core.captioner import Captioner
+    from ris_core.encoding_cache import EncodingCache
+    from ris_core.modeling import ModelSpec, build_captioner
+
+    spec = ModelSpec(n_layer=2, n_embd=64, n_head=2)
+    model = build_captioner(spec).eval()
+    captioner = Captioner(model=model, spec=spec, name="tiny")
+    kept = captioner.encodings = EncodingCache(1 << 20)
+    photos = [Image.new("RGB", (60, 80), (40 * i, 90, 200)) for i in range(3)]
+    out = weight_stream(captioner, tokens_per_caption=10.0, repeats=50, photos=photos)
+    assert captioner.encodings is kept  # the encoder was timed without it, then it was put back
+    assert out["encoder_ms"] > 0
+    assert out["with_encoder_images_per_second"] < out["decoder_floor_images_per_second"]
+    d, vocab = 64, model.decoder.lm_head.weight.shape[0]
+    # per block: self-attention 3d*d + d*d, cross-attention query and output 2 d*d, MLP 2 * 4d*d; then the output layer
+    expected = (2 * (4 + 2 + 8) * d * d + vocab * d) * 4
+    assert out["decoder_mb_per_step"] == round(expected / 1e6, 1)
+    assert out["gb_per_second"] > 0
+    assert out["decoder_floor_images_per_second"] == pytest.approx(
+        out["gb_per_second"] * 1e9 / (expected * 10.0), rel=0.06)  # from the rounded rate

@@ -475,7 +475,7 @@ def _reranked(ctx: _Context, captions: pd.DataFrame, val_emb: np.ndarray, knn: I
     """Per held-out product, the best-scored candidate (the greedy caption if its image fails to decode).
 
     64 images a batch: on two cores the reference evaluation's reranking took 202 s instead of 229-239 s in batches
-    of 16, with the same picks (larger decoder matmuls; the README's Benchmarks)."""
+    of 16, with the same picks (larger decoder matmuls; bench/HISTORY.md, seventh session)."""
     config = ctx.config.rerank
     # every photo's visual neighbours at once (a query at a time reads the whole catalog matrix: ~7 ms each)
     nearest = knn.search_vectors(val_emb, k=config.k)
