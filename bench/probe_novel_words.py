@@ -21,7 +21,7 @@ import pandas as pd
 from ris_core.data import load_catalog
 from ris_core.evaluation import files
 from ris_core.evaluation.pipeline import resolve_data_dir
-from ris_core.metrics import cider_d, coco_tokens, corpus_bleu_4
+from ris_core.metrics import cider_d, coco_tokens, corpus_bleu_4, first_word_match
 from ris_core.runs import Run
 
 
@@ -46,7 +46,7 @@ def word_table(captions: pd.DataFrame, column: str, score: str, train_names: lis
     texts = captions[column].astype(str).tolist()
     names = {coco_tokens(n) for n in train_names}
     brands = {first_word(n) for n in train_names}
-    right = np.array([first_word(t) == first_word(r) for t, r in zip(texts, references)])
+    right = np.array([first_word_match(t, r) for t, r in zip(texts, references)])
     known = np.array([first_word(r) in brands for r in references])
     verbatim = np.array([coco_tokens(t) in names for t in texts])
     oracle_first = np.array(cider_d([with_word_of(t, r, 0) for t, r in zip(texts, references)], references)[1])

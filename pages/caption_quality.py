@@ -12,17 +12,21 @@ from ris_app.share import Param, link, publish, restore
 from ris_app.sidebar import sidebar
 from ris_app.widgets import csv_download, image_card, job_progress, md, say, short
 from ris_core.errors import DataError, RisError
+from ris_core.evaluation import verdict
 from ris_core.evaluation.categories import GROUPINGS
+from ris_core.metrics import first_word_rate
 from ris_core.rerank import describe as describe_rerank
 from ris_core.runs import Run
 
 PAGE_SIZE = 25
 METRICS = [  # (key in caption_metrics.json, label, scale to show)
     ("bleu_1", "BLEU-1", 1), ("bleu_2", "BLEU-2", 1), ("bleu_3", "BLEU-3", 1), ("bleu_4", "BLEU-4", 1),
-    ("sentence_bleu_mean", "Sentence BLEU (mean)", 1), ("last_two_match", "Last two words match", 100),
-    ("last_word_match", "Last word matches", 100), ("exact_match", "Exact match", 100),
-    ("cider_d", "CIDEr-D", 1), ("rouge_l", "ROUGE-L", 100), ("semantic", "Semantic similarity", 100),
+    ("sentence_bleu_mean", "Sentence BLEU (mean)", 1), ("first_word_match", "First word (brand) matches", 100),
+    ("last_two_match", "Last two words match", 100), ("last_word_match", "Last word matches", 100),
+    ("exact_match", "Exact match", 100), ("cider_d", "CIDEr-D", 1), ("rouge_l", "ROUGE-L", 100),
+    ("semantic", "Semantic similarity", 100),
 ]
+CAPTION_COLUMNS = {"greedy": "generated", "reranked": "reranked", "baseline": "nn_caption"}  # in captions.csv
 CATEGORY_METRICS = {"bleu_4": "BLEU-4", "last_two_match": "last two match", "p_at_10": "P@10 (R1)"}
 SHARED = [Param("quality_decoding", "captions"), Param("quality_subset", "products"), Param("quality_by", "group"),
           Param("quality_sort_by", "sort"), Param("quality_min_size", "min_size", parse=int),
@@ -147,6 +151,20 @@ if products_shown != "all":
     decodings = {"greedy": part.get("model") or {}, **({"reranked": part.get("reranked") or {}}
                                                        if "reranked" in decodings else {})}
     baseline = part.get("nn_caption_baseline") or {}
+# the first word, mostly the brand, from captions.csv: every evaluation shows it, those before it existed too
+shown_rows = verdict.subset(captions, products_shown)
+
+
+def first_words(decoding: str) -> float | None:
+    column = CAPTION_COLUMNS[decoding]
+    if column not in shown_rows or shown_rows.empty:
+        return None
+    return first_word_rate(shown_rows[column].fillna("").astype(str).tolist(),
+                           shown_rows["reference"].fillna("").astype(str).tolist())
+
+
+decodings = {name: {**values, "first_word_match": first_words(name)} for name, values in decodings.items()}
+baseline = {**baseline, "first_word_match": first_words("baseline")}
 cells = st.columns(4)
 for i, (key, label, scale) in enumerate(METRICS):
     ours, theirs = number(decodings[shown].get(key)), number(baseline.get(key))

@@ -83,6 +83,19 @@ def last_words_match(prediction: str, reference: str, n: int = 2) -> bool:
     return bool(p) and bool(r) and p[-n:] == r[-n:]
 
 
+def first_word_match(prediction: str, reference: str) -> bool:
+    """Does the first word agree, ignoring case and punctuation? In product names it is mostly the brand, the
+    word that decides most of a caption's CIDEr-D on products never seen (bench/probe_novel_words.py)."""
+    p, r = _norm_words(prediction), _norm_words(reference)
+    return bool(p) and bool(r) and p[0] == r[0]
+
+
+def first_word_rate(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """The share of captions whose first word is the reference's (NaN for none)."""
+    preds, refs = _check_pairs(predictions, references)
+    return float(np.mean([first_word_match(p, r) for p, r in zip(preds, refs, strict=True)])) if preds else math.nan
+
+
 def exact_match(prediction: str, reference: str) -> bool:
     """Same words in the same order, ignoring case, spacing and punctuation; empty never matches."""
     p = _norm_words(prediction)

@@ -326,6 +326,44 @@ def test_caption_quality_metrics_histogram_and_filters(runs_root):
     assert counts["match"] + counts["no match"] == len(filtered)  # the two filters split the article's products
 
 
+
+@pytest.fixture
+def brand_run(runs_root):
+    """A copy of `evaluated` beside it (where the sidebar finds runs), removed after the test."""
+    run = runs_root / "brands"
+    shutil.copytree(runs_root / "evaluated", run)
+    yield run
+    shutil.rmtree(run)
+
+
+def test_caption_quality_shows_how_often_the_first_word_is_right_for_the_products_shown(brand_run):
+    """The first word (mostly the brand) comes from captions.csv, so older evaluations show it too."""
+    run = brand_run
+    path = run / "eval" / "captions.csv"
+    captions = pd.read_csv(path, keep_default_na=False)
+    first = captions["reference"].str.split().str[0]
+    n = len(captions)
+    captions["seen"] = [i % 2 == 0 for i in range(n)]
+    # greedy: the reference's first word on every third product; the baseline: on every product
+    captions["generated"] = [f"{w} Shirt" if i % 3 == 0 else "Zzz Shirt" for i, w in enumerate(first)]
+    captions["nn_caption"] = first + " Bag"
+    captions.to_csv(path, index=False)
+
+    def shown(at: AppTest) -> str:
+        return next(m for m in at.metric if m.label == "First word (brand) matches")
+
+    at = app("pages/caption_quality.py", run=run)
+    assert_clean(at)
+    assert run.name in texts(at) or run.name in str([s.value for s in at.selectbox])
+    everywhere = sum(i % 3 == 0 for i in range(n)) / n
+    assert shown(at).value == f"{everywhere * 100:.1f}%"
+    assert shown(at).proto.delta == f"{(everywhere - 1) * 100:+.1f}% vs NN caption"
+    at.button_group(key="quality_subset").set_value("novel").run()
+    assert_clean(at)
+    odd = [i for i in range(n) if i % 2]
+    novel = sum(i % 3 == 0 for i in odd) / len(odd)
+    assert novel != everywhere and shown(at).value == f"{novel * 100:.1f}%"
+
 def test_compare_captions_marks_words_filters_and_reopens_from_its_link(runs_root):
     from ris_core.caption_compare import System, compare_table, only
 

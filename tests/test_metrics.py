@@ -73,6 +73,17 @@ def test_last_words_match(pred: str, ref: str, n: int, expected: bool) -> None:
     assert M.last_words_match(pred, ref, n) is expected
 
 
+
+def test_first_word_match_is_the_brand_slot_ignoring_case_and_punctuation() -> None:
+    assert M.first_word_match("puma Men Black Shoes", "PUMA Women Red Top")
+    assert M.first_word_match("U.S. Polo Assn Men Shirt", "US Polo Assn Men Blue Shirt")
+    assert not M.first_word_match("Nike Men Black Shoes", "Puma Men Black Shoes")
+    assert not M.first_word_match("", "")  # an empty caption never matches
+    assert not M.first_word_match("!!", "Puma Shoes")
+    assert M.first_word_rate(["Nike Shoes", "Puma Top", "Fila Cap", ""], ["Nike Socks", "Adidas Top", "fila", ""]) \
+        == pytest.approx(0.5)
+    assert math.isnan(M.first_word_rate([], []))
+
 def test_exact_match_and_bad_n() -> None:
     assert M.exact_match("  puma MEN black shoes. ", "Puma Men Black Shoes")
     assert not M.exact_match("Puma Men Black", "Puma Men Black Shoes")
