@@ -234,3 +234,26 @@ def test_weight_stream_counts_every_per_step_weight_once_and_its_floor_follows_f
     assert out["gb_per_second"] > 0
     assert out["decoder_floor_images_per_second"] == pytest.approx(
         out["gb_per_second"] * 1e9 / (expected * 10.0), rel=0.06)  # from the rounded rate
+
+
+def test_brand_head_probe_learns_a_brand_the_maps_carry_and_reports_the_epoch_picked_on_its_own_set():
+    import torch
+
+    from bench.probe_brand_head import HEADS, first_word, train_head
+
+    assert first_word("U.S. Polo Assn Men Shirt") == "us" and first_word("") == ""
+    torch.manual_seed(0)
+
+    def maps(labels: torch.Tensor) -> tuple:  # the brand shows in its own block of 100 final-map channels
+        final = torch.randn(len(labels), 1280, 4, 4) * 0.5
+        for brand in range(3):
+            final[labels == brand, 100 * brand : 100 * (brand + 1)] += 1.0
+        return torch.randn(len(labels), 96, 8, 8).half(), final.half(), labels
+
+    data = {part: maps(torch.randint(0, 3, (n,))) for part, n in (("fit", 1024), ("pick", 96), ("test", 96))}
+    for name in HEADS:
+        result = train_head(name, 3, data, epochs=4)
+        assert result["head"] == name and len(result["pick_curve"]) == 4
+        assert result["pick_accuracy"] == max(result["pick_curve"])
+        assert result["pick_curve"][result["best_epoch"] - 1] == result["pick_accuracy"]
+        assert result["test_accuracy"] > 0.8, result  # chance is a third
