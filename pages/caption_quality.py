@@ -19,7 +19,7 @@ from ris_core.rerank import describe as describe_rerank
 from ris_core.runs import Run
 
 PAGE_SIZE = 25
-METRICS = [  # (key in caption_metrics.json, label, scale to show)
+METRICS = [  # (key in caption_metrics.json, or first_word_match from captions.csv below; label; scale to show)
     ("bleu_1", "BLEU-1", 1), ("bleu_2", "BLEU-2", 1), ("bleu_3", "BLEU-3", 1), ("bleu_4", "BLEU-4", 1),
     ("sentence_bleu_mean", "Sentence BLEU (mean)", 1), ("first_word_match", "First word (brand) matches", 100),
     ("last_two_match", "Last two words match", 100), ("last_word_match", "Last word matches", 100),
