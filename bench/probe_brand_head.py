@@ -23,18 +23,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from bench.probe_novel_words import first_word
 from ris_core.data import load_catalog, name_key
 from ris_core.evaluation import files
 from ris_core.evaluation.pipeline import resolve_data_dir
-from ris_core.metrics import coco_tokens, first_word_rate
+from ris_core.metrics import first_word_rate
 from ris_core.modeling import ModelSpec, build_captioner
 from ris_core.runs import Run
 from training.data import cached_backbone_maps
-
-
-def first_word(name: object) -> str:
-    words = coco_tokens(str(name)).split()
-    return words[0] if words else ""
 
 
 class PooledLinear(nn.Module):

@@ -12,9 +12,7 @@ from ris_app.share import Param, link, publish, restore
 from ris_app.sidebar import sidebar
 from ris_app.widgets import csv_download, image_card, job_progress, md, say, short
 from ris_core.errors import DataError, RisError
-from ris_core.evaluation import verdict
 from ris_core.evaluation.categories import GROUPINGS
-from ris_core.metrics import first_word_rate
 from ris_core.rerank import describe as describe_rerank
 from ris_core.runs import Run
 
@@ -152,19 +150,10 @@ if products_shown != "all":
                                                        if "reranked" in decodings else {})}
     baseline = part.get("nn_caption_baseline") or {}
 # the first word, mostly the brand, from captions.csv: every evaluation shows it, those before it existed too
-shown_rows = verdict.subset(captions, products_shown)
-
-
-def first_words(decoding: str) -> float | None:
-    column = CAPTION_COLUMNS[decoding]
-    if column not in shown_rows or shown_rows.empty:
-        return None
-    return first_word_rate(shown_rows[column].fillna("").astype(str).tolist(),
-                           shown_rows["reference"].fillna("").astype(str).tolist())
-
-
-decodings = {name: {**values, "first_word_match": first_words(name)} for name, values in decodings.items()}
-baseline = {**baseline, "first_word_match": first_words("baseline")}
+first_words = loaders.first_word_rates(run, products_shown, tuple(CAPTION_COLUMNS.values()))
+decodings = {name: {**values, "first_word_match": first_words[CAPTION_COLUMNS[name]]}
+             for name, values in decodings.items()}
+baseline = {**baseline, "first_word_match": first_words[CAPTION_COLUMNS["baseline"]]}
 cells = st.columns(4)
 for i, (key, label, scale) in enumerate(METRICS):
     ours, theirs = number(decodings[shown].get(key)), number(baseline.get(key))

@@ -164,6 +164,24 @@ def precision_curves(run: Run, data_dir: Path, level: str, subset: str, strategi
     return _precision_curves(*eval_key(run), *data_key(data_dir), level, subset, strategies)
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _first_word_rates(eval_dir: str, version: tuple[int, ...], subset: str,
+                      columns: tuple[str, ...]) -> dict[str, float | None]:
+    from ris_core.evaluation.verdict import subset as subset_of
+    from ris_core.metrics import first_word_rate
+
+    rows = subset_of(_evaluation(eval_dir, version).captions, subset)
+    references = rows["reference"].fillna("").astype(str).tolist()
+    return {column: first_word_rate(rows[column].fillna("").astype(str).tolist(), references)
+            if column in rows and len(rows) else None for column in columns}
+
+
+def first_word_rates(run: Run, subset: str, columns: tuple[str, ...]) -> dict[str, float | None]:
+    """How often each captions.csv column's first word (mostly the brand) is the reference's, for all, seen or
+    novel products (None: no such column or no products). Once per evaluation: 0.3 s for 4,443 products."""
+    return _first_word_rates(*eval_key(run), subset, columns)
+
+
 @st.cache_data(show_spinner="Scoring each category…", max_entries=16)
 def _categories(eval_dir: str, version: tuple[int, ...], by: str, column: str) -> pd.DataFrame:
     from ris_core.evaluation.categories import per_category
