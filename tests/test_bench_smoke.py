@@ -244,11 +244,12 @@ def test_brand_head_probe_learns_a_brand_the_maps_carry_and_reports_the_epoch_pi
     assert first_word("U.S. Polo Assn Men Shirt") == "us" and first_word("") == ""
     torch.manual_seed(0)
 
-    def maps(labels: torch.Tensor) -> tuple:  # the brand shows in its own block of 100 final-map channels
-        final = torch.randn(len(labels), 1280, 4, 4) * 0.5
+    def maps(labels: torch.Tensor) -> tuple:  # the brand shows in its own block of channels of both maps
+        mid, final = torch.randn(len(labels), 96, 8, 8) * 0.5, torch.randn(len(labels), 1280, 4, 4) * 0.5
         for brand in range(3):
+            mid[labels == brand, 30 * brand : 30 * (brand + 1)] += 1.0
             final[labels == brand, 100 * brand : 100 * (brand + 1)] += 1.0
-        return torch.randn(len(labels), 96, 8, 8).half(), final.half(), labels
+        return mid.half(), final.half(), labels
 
     data = {part: maps(torch.randint(0, 3, (n,))) for part, n in (("fit", 1024), ("pick", 96), ("test", 96))}
     for name in HEADS:
@@ -257,3 +258,66 @@ def test_brand_head_probe_learns_a_brand_the_maps_carry_and_reports_the_epoch_pi
         assert result["pick_accuracy"] == max(result["pick_curve"])
         assert result["pick_curve"][result["best_epoch"] - 1] == result["pick_accuracy"]
         assert result["test_accuracy"] > 0.8, result  # chance is a third
+        assert torch.allclose(result["test_probabilities"].sum(1), torch.ones(96), atol=1e-4)
+
+
+def test_brand_head_probe_flips_fit_maps_and_writes_each_products_likeliest_words_in_order(tmp_path):
+    import pandas as pd
+    import torch
+
+    from bench.probe_brand_head import slug, train_head, write_predictions
+
+    torch.manual_seed(0)
+    fit = 2048
+    labels = torch.randint(0, 2, (fit + 128,))
+    noise, mid = torch.randn(fit + 128, 1280, 4, 4), torch.randn(fit + 128, 96, 8, 8)
+    final = noise.clone()
+    final[:, :50] += labels[:, None, None, None] * 2.0  # the brand in the photo's maps
+    data = {"fit": (mid[:fit], final[:fit], labels[:fit]),
+            "pick": (mid[fit : fit + 64], final[fit : fit + 64], labels[fit : fit + 64]),
+            "test": (mid[fit + 64 :], final[fit + 64 :], labels[fit + 64 :])}
+    # "mirrored" maps that show the other brand: drawn half of the time, they leave the head nothing to learn
+    other = noise[:fit].clone()
+    other[:, :50] += (1 - labels[:fit])[:, None, None, None] * 2.0
+    plain = train_head("linear on the 4x4 final map", 2, data, epochs=3)
+    mixed = train_head("linear on the 4x4 final map", 2, data, epochs=3, mirrored=(mid[:fit], other))
+    assert plain["test_accuracy"] > 0.85 and mixed["test_accuracy"] < 0.7, (plain, mixed)
+    assert slug("the stride-32 stage tuned, linear") == "the-stride-32-stage-tuned-linear"
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    write_predictions(tmp_path / "p" / "head.csv", [7, 9], ["adidas", "nike", "puma"], probs, top=2)
+    written = pd.read_csv(tmp_path / "p" / "head.csv")
+    assert written.to_dict("list") == {"id": [7, 9], "word_1": ["nike", "adidas"], "p_1": [0.6, 0.5],
+                                       "word_2": ["puma", "puma"], "p_2": [0.3, 0.3]}
+
+
+def test_brand_first_continues_greedy_after_a_forced_prefix_and_scores_the_prefix_as_a_full_forward_does():
+    import torch
+    from PIL import Image
+
+    from bench.probe_brand_first import decode_after, written_forms
+    from ris_core import decoding
+    from ris_core.encoder_decoder import Captioner
+    from ris_core.modeling import ModelSpec, build_captioner, token_cross_entropy
+
+    assert written_forms(["U.S. Polo Assn Men Shirt", "U.S. Polo Assn Women Top", "US Polo Kids Cap",
+                          "Nike Men Shoes"]) == {"us": "U.S.", "nike": "Nike"}
+    torch.manual_seed(0)
+    spec = ModelSpec(n_layer=2, n_embd=64, n_head=2)
+    captioner = Captioner(model=build_captioner(spec).eval(), spec=spec, name="tiny")
+    hidden = captioner.encode([Image.new("RGB", (60, 80), (60 * i, 90, 200)) for i in range(3)]).hidden
+    # an untrained model may end at once: with no end token its captions run to the length limit
+    decoder, start, eos = captioner.model.decoder, captioner.start_token_id, -1
+    greedy = decoding.greedy(decoder, hidden, start, eos, 12)
+    unforced, _ = decode_after(decoder, hidden, start, eos, torch.zeros((3, 0), dtype=torch.long), 12)
+    assert unforced == greedy and all(len(caption) == 12 for caption in greedy)
+    # forcing each image's own first two greedy tokens changes nothing; forcing others puts them first
+    own = torch.tensor([caption[:2] for caption in greedy])
+    assert decode_after(decoder, hidden, start, eos, own, 12)[0] == greedy
+    other = torch.tensor([[11, 12], [13, 14], [15, 16]])
+    forced, log_probs = decode_after(decoder, hidden, start, eos, other, 12)
+    assert [caption[:2] for caption in forced] == other.tolist() and all(len(c) <= 12 for c in forced)
+    for image in range(3):
+        with torch.no_grad():
+            loss, tokens = token_cross_entropy(captioner.model, hidden[image : image + 1], other[image : image + 1],
+                                               start)
+        assert float(log_probs[image]) == pytest.approx(-loss.item() * tokens, abs=1e-4)
