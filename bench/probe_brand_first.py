@@ -1,9 +1,9 @@
 """Would a brand step make captions of unseen products better? Captions decoded after a brand classifier's word.
 
     python -m bench.probe_brand_head --run results/runs/grouped-cpu --heads "the stride-32 stage tuned, linear" \\
-        --mirrored --epochs 16 --predictions /tmp/brand                        # ~25 min: the classifier
+        --mirrored --epochs 16 --predictions /tmp/brand                        # ~30 min: the classifier
     python -m bench.probe_brand_first --run results/runs/grouped-cpu \\
-        --predictions /tmp/brand/the-stride-32-stage-tuned-linear.csv          # ~6 min: decoding and scores
+        --predictions /tmp/brand/the-stride-32-stage-tuned-linear.csv          # ~4 min: decoding and scores
 
 The first word of a name (mostly the brand) decides most of a novel caption's CIDEr-D (bench/probe_novel_words.py),
 and the backbone's top stage, tuned as a brand classifier, names it more often than the captioner does
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     evaluated = pd.read_csv(run.eval_dir / files.CAPTIONS, keep_default_na=False).set_index("id")
     same = float(np.mean([evaluated.loc[i, "generated"] == g for i, g in zip(ids, captions["greedy"])]))
     print(f"{run.name}: {len(ids)} held-out products; greedy captions identical to the evaluation's: {same:.4f}")
-    seen = evaluated.loc[ids, "seen"].astype(str).str.lower().eq("true").to_numpy()
+    seen = (evaluated.loc[ids, "seen"].astype(str).str.lower().eq("true").to_numpy() if "seen" in evaluated
+            else np.zeros(len(ids), dtype=bool))  # an evaluation older than the seen / novel breakdown
     subsets = {"all": np.ones(len(ids), dtype=bool), **({"seen": seen, "novel": ~seen} if seen.any() else {})}
     table = pd.concat({column: scores(captions[column].tolist(), references, subsets)
                        for column in ("greedy", "head", "head_and_captioner", "oracle")}, names=["decoding", "subset"])
