@@ -129,8 +129,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run = Run(args.run)
     catalog = load_catalog(resolve_data_dir(run, args.data_dir))
     products = catalog.products
+    if not args.predictions.is_file():
+        raise SystemExit(f"error: {args.predictions} does not exist: bench.probe_brand_head --predictions writes it")
     predicted = pd.read_csv(args.predictions, keep_default_na=False)
     ids = predicted["id"].tolist()
+    if unknown := [i for i in ids if i not in products.index]:
+        raise SystemExit(f"error: {len(unknown)} product ids of {args.predictions} are not in "
+                         f"{catalog.image_dir.parent} (e.g. {unknown[0]}): predictions of another dataset?")
     references = products.loc[ids, "productDisplayName"].tolist()
     forms = written_forms(products.loc[run.split().train_ids, "productDisplayName"].tolist())
     captioner = Captioner.load(run.path)

@@ -1,8 +1,8 @@
 """Can the backbone's maps tell the brand better than the captioner does? Brand classifiers on them.
 
-    python -m bench.probe_brand_head --run results/runs/grouped-cpu   # ~60 min on 2 cores; the training map cache
+    python -m bench.probe_brand_head --run results/runs/grouped-cpu   # ~65 min on 2 cores; the training map cache
     python -m bench.probe_brand_head --run results/runs/grouped-cpu --heads "the stride-32 stage tuned, linear" \
-        --mirrored --epochs 16 --predictions /tmp/brand   # ~25 min; bench/probe_brand_first.py decodes from it
+        --mirrored --epochs 16 --predictions /tmp/brand   # ~30 min; bench/probe_brand_first.py decodes from it
 
 The first word of a product name is mostly its brand, and on products never seen it decides most of a caption's
 CIDEr-D (bench/probe_novel_words.py). Here classifiers over the cached MobileNetV2 maps (the ones the `cpu` preset
