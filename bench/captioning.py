@@ -10,6 +10,7 @@ greedy caption's, measured in the same run on the same images, at batch 1, 16 (t
 evaluation's). `full_head_*`: the same figures with the plain 50,257-way output layer instead of the shortlist
 head (ris_core/output_head.py);
 `generate_*`: with transformers' generate() instead of step-by-step decoding (ris_core/decoding.py).
+`brand_step_*`: with a brand step (ris_core/brand_step.py) choosing each greedy caption's first word.
 `rows_reranked_*`: reranked with each candidate scored as its own padded row instead of over the image's prefix
 tree (ris_core/prefix_tree.py); `glibc_defaults_*`: greedy rates in a fresh process that keeps glibc's allocator
 settings (RIS_MALLOC=default) instead of ris_core/allocator.py's.
@@ -32,12 +33,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import REPO, demo_image_paths, reference_run
 from bench.machine import matmul_gflops
 from ris_core.allocator import OVERRIDE
+from ris_core.brand_step import BrandStep, written_forms
 from ris_core.data import DEFAULT_DATA_DIR
 from ris_core.encoding_cache import EncodingCache
 from ris_core.errors import RunError
@@ -180,6 +183,19 @@ def variant_rates(captioner, images, shapes, quick: bool, prefix: str) -> dict:
     return out
 
 
+def brand_step_rates(captioner, images, shapes, quick: bool) -> dict:
+    """`variant_rates` with a brand step (ris_core/brand_step.py) over the demo catalog's first words: what the
+    step and the choice of the first word cost beside plain greedy. Its linear layer is untrained: the cost, not
+    the choices, is measured (a word of one token or three changes little)."""
+    names = pd.read_csv(DEFAULT_DATA_DIR / "styles.csv", usecols=["productDisplayName"], keep_default_na=False)
+    captioner.brand_step = BrandStep.from_imagenet(sorted(set(written_forms(
+        names["productDisplayName"].tolist()).values()))).eval()
+    try:
+        return variant_rates(captioner, images, shapes, quick, "brand_step")
+    finally:
+        captioner.brand_step = None
+
+
 def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16_gflops: float | None = None) -> dict:
     torch.manual_seed(0)
     captioner, source = load_captioner()
@@ -239,6 +255,8 @@ def bench_captioning(quick: bool = False, fp32_gflops: float | None = None, bf16
             captioner.tree_scoring = True
     if not quick:
         out.update(glibc_default_rates())
+    if getattr(captioner, "brand_step", False) is None and captioner.has_backbone and captioner.decodes_fast:
+        out.update(brand_step_rates(captioner, images, shapes, quick))
     if isinstance(captioner.model.decoder.lm_head, ShortlistHead):  # the old output layer, side by side
         head = captioner.model.decoder.lm_head
         captioner.model.decoder.lm_head = full_output_layer(captioner.model)

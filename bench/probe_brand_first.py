@@ -23,7 +23,6 @@ CIDEr-D with the document frequencies of all the products scored, sacrebleu BLEU
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from bench.probe_novel_words import first_word
+from ris_core import decoding
+from ris_core.brand_step import written_forms
 from ris_core.data import load_catalog
-from ris_core.decoding import IncrementalDecoder, OutputColumns
 from ris_core.encoder_decoder import Captioner
 from ris_core.evaluation import files
 from ris_core.evaluation.pipeline import resolve_data_dir
@@ -43,64 +42,22 @@ from ris_core.metrics import cider_d, corpus_bleu_4, first_word_rate, last_words
 from ris_core.runs import Run
 
 
-def written_forms(train_names: list[str]) -> dict[str, str]:
-    """Each first word (as `first_word` normalises it) written as most training names starting with it write it."""
-    counts = Counter((first_word(name), name.split()[0]) for name in train_names if name.split())
-    forms: dict[str, str] = {}
-    for (word, written), _ in counts.most_common():
-        forms.setdefault(word, written)
-    return forms
-
-
-@torch.no_grad()
-def decode_after(decoder, hidden: torch.Tensor, start: int, eos: int, prefixes: torch.Tensor, max_new_tokens: int,
-                 generate: bool = True) -> tuple[list[list[int]], torch.Tensor]:
-    """Each image's greedy caption beginning with its forced prefix (a row of `prefixes`, (images, m) token ids,
-    included in the caption), and each image's log-probability of its prefix. `generate=False`: those only."""
-    columns = OutputColumns.of(decoder.lm_head)
-    images, m = prefixes.shape
-    state = IncrementalDecoder(decoder, hidden, 1, max(max_new_tokens, m + 1))
-    states = state.extend(torch.cat([torch.full((images, 1), start), prefixes], dim=1))  # (images, 1 + m, D)
-    log_probs = columns.log_probs(states[:, :-1])  # the distribution each prefix token was drawn from
-    prefix_log_prob = log_probs.gather(-1, columns.column_of[prefixes][..., None])[..., 0].sum(1)
-    out = prefixes.tolist()
-    if not generate:
-        return out, prefix_log_prob
-    chosen = columns.tokens[columns.logits(states[:, -1]).argmax(dim=-1)]
-    ended = torch.zeros(images, dtype=torch.bool)
-    while True:
-        going = ~ended & (chosen != eos)
-        for image in torch.nonzero(going).squeeze(1).tolist():
-            out[image].append(int(chosen[image]))
-        ended |= ~going
-        if bool(ended.all()) or state.length >= max_new_tokens:
-            return out, prefix_log_prob
-        chosen = columns.tokens[columns.logits(state.step(chosen)).argmax(dim=-1)]
-
-
 def decode_all(captioner: Captioner, hidden: torch.Tensor, prefixes: list[str], generate: bool = True,
                batch_size: int = 64, max_new_tokens: int = 32, desc: str = "decoding") -> tuple[list[str], np.ndarray]:
-    """Each image's caption after its own forced text and that text's log-probability (images whose text has
-    as many tokens decoded together)."""
+    """Each image's greedy caption after its own forced text (`ris_core.decoding.greedy`'s prefixes), or with
+    `generate=False` that text's log-probability under the decoder instead (`decoding.prefix_log_probs`)."""
     tokens_of = {text: (captioner.token_ids([text])[0][:-1] if text else []) for text in set(prefixes)}
+    decoder, start = captioner.model.decoder, captioner.start_token_id
     texts, log_probs = [""] * len(prefixes), np.zeros(len(prefixes))
-    groups: dict[int, list[int]] = {}
-    for image, text in enumerate(prefixes):
-        groups.setdefault(len(tokens_of[text]), []).append(image)
-    bar = tqdm(total=len(prefixes), desc=desc, unit="image", mininterval=2)
-    for length, images in groups.items():
-        for s in range(0, len(images), batch_size):
-            rows = images[s : s + batch_size]
-            forced = torch.tensor([tokens_of[prefixes[row]] for row in rows], dtype=torch.long)
-            forced = forced.reshape(len(rows), length)  # (rows, 0) when nothing is forced
-            ids, scores = decode_after(captioner.model.decoder, hidden[rows], captioner.start_token_id,
-                                       captioner.eos_token_id, forced, max_new_tokens, generate)
-            decoded = captioner.text_tokenizer.batch_decode(ids, skip_special_tokens=True)
-            for row, caption, score in zip(rows, decoded, scores.tolist()):
-                caption = caption.strip()
-                texts[row], log_probs[row] = caption, score
-            bar.update(len(rows))
-    bar.close()
+    for s in tqdm(range(0, len(prefixes), batch_size), desc=desc, unit="batch", mininterval=2):
+        rows = list(range(s, min(s + batch_size, len(prefixes))))
+        forced = [tokens_of[prefixes[row]] for row in rows]
+        if generate:
+            ids = decoding.greedy(decoder, hidden[rows], start, captioner.eos_token_id, max_new_tokens, forced)
+            for row, caption in zip(rows, captioner.text_tokenizer.batch_decode(ids, skip_special_tokens=True)):
+                texts[row] = caption.strip()
+        else:
+            log_probs[rows] = decoding.prefix_log_probs(decoder, hidden[rows], start, forced).numpy()
     return texts, log_probs
 
 

@@ -26,9 +26,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bench.probe_novel_words import first_word
+from ris_core.brand_step import BrandStep, first_word
 from ris_core.data import load_catalog, name_key
-from ris_core.encoders import MID_BLOCK, MobileNetV2Features, imagenet_mobilenet_v2_state_dict
 from ris_core.evaluation import files
 from ris_core.evaluation.pipeline import resolve_data_dir
 from ris_core.files import write_csv_atomic
@@ -72,26 +71,14 @@ class TokenAttention(nn.Module):
         return self.out(self.layer(tokens + self.position).mean(1))
 
 
-class LastStageTuned(nn.Module):
-    """MobileNetV2's stride-32 stage (the blocks after the cached stride-16 map and the 1x1 convolution to 1280
-    channels, 1.7M parameters) from its ImageNet weights, trained with the head: what unfreezing the backbone's
-    top would give, at about 1.6 ms a photo of extra training on 2 cores."""
-
-    lr = 3e-4  # pretrained weights: a third of the fresh heads' rate
-
-    def __init__(self, classes: int) -> None:
-        super().__init__()
-        backbone = MobileNetV2Features()
-        backbone.load_state_dict(imagenet_mobilenet_v2_state_dict(), strict=True)
-        self.stage = backbone.features[MID_BLOCK + 1 :]
-        self.out = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, classes))
-
-    def forward(self, mid: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-        return self.out(self.stage(mid).mean((2, 3)))
+def last_stage_tuned(classes: int) -> nn.Module:
+    """MobileNetV2's stride-32 stage from its ImageNet weights with a linear layer: the product's brand step
+    (ris_core/brand_step.py), what unfreezing the backbone's top would give."""
+    return BrandStep.from_imagenet([str(k) for k in range(classes)])
 
 
 HEADS = {"linear on the pooled maps": PooledLinear, "linear on the 4x4 final map": FinalMapLinear,
-         "attention over the 80 tokens": TokenAttention, "the stride-32 stage tuned, linear": LastStageTuned}
+         "attention over the 80 tokens": TokenAttention, "the stride-32 stage tuned, linear": last_stage_tuned}
 
 
 def probabilities(head: nn.Module, mid: torch.Tensor, final: torch.Tensor) -> torch.Tensor:

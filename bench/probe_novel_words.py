@@ -18,16 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ris_core.brand_step import first_word
 from ris_core.data import load_catalog
 from ris_core.evaluation import files
 from ris_core.evaluation.pipeline import resolve_data_dir
 from ris_core.metrics import cider_d, coco_tokens, corpus_bleu_4, first_word_match
 from ris_core.runs import Run
-
-
-def first_word(text: object) -> str:
-    words = coco_tokens(str(text)).split()
-    return words[0] if words else ""
 
 
 def with_word_of(caption: object, reference: object, position: int) -> str:

@@ -169,6 +169,10 @@ if number(model.get("perplexity")) is not None and number(model.get("loss")) is 
     st.caption(f"Held-out loss {model['loss']:.3f}, perplexity {model['perplexity']:.2f} per token, the first "
                "predicted from the start token" + (f"; {notebook:.2f} on the paper notebook's definition (the first "
                "token given, never predicted: its Table I's)" if notebook is not None else "") + ".")
+if isinstance(metrics.get("brand_step_words"), int):
+    st.caption(f"**Greedy after a brand step**: each greedy caption begins with the first word (mostly the brand) "
+               f"that the run's brand step, over {metrics['brand_step_words']:,} words, and the decoder agree on; the "
+               "decoder writes the rest (`training.train_brand_step`).")
 if "reranked" in decodings and number(model.get("bleu_4")) is not None:
     st.caption(
         f"**Reranked** ({describe_rerank(reranked)}): BLEU-4 {reranked['bleu_4']:.1f} "

@@ -143,8 +143,8 @@ class IncrementalDecoder:
         return t.ln_f(hidden)
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The final hidden states (rows, m, D) after feeding each row m tokens at once (one row per image), each
-        position attending to the buffered ones and to those before it. `length` may be set back afterwards to
+        """The final hidden states (rows, m, D) after feeding each row m tokens at once, each position attending
+        to the buffered ones and to those before it. `length` may be set back afterwards to
         forget the last positions: they are overwritten before they are read again."""
         t, start = self.transformer, self.length
         rows, m = tokens.shape
@@ -161,8 +161,9 @@ class IncrementalDecoder:
                       @ self.keys[layer, :, :, past].transpose(-1, -2)) * block.attn.scaling
             attended = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ self.values[layer, :, :, past]
             hidden = hidden + block.attn.c_proj(attended.transpose(1, 2).reshape(rows, m, width))
+            # an image's rows query its keys together: (images, heads, group * m, head_dim)
             cross_query = block.crossattention.q_attn(block.ln_cross_attn(hidden))
-            cross_query = cross_query.view(rows, m, self.heads, self.head_dim).transpose(1, 2)
+            cross_query = cross_query.view(-1, self.group * m, self.heads, self.head_dim).transpose(1, 2)
             attended = _attention(cross_query, *self.cross[layer], block.crossattention.scaling)
             hidden = hidden + block.crossattention.c_proj(attended.transpose(1, 2).reshape(rows, m, width))
             hidden = hidden + block.mlp(block.ln_2(hidden))
@@ -178,23 +179,52 @@ def _attention(query: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, 
 
 @torch.no_grad()
 def greedy(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, start_token_id: int, eos_token_id: int,
-           max_new_tokens: int) -> list[list[int]]:
-    """Each image's greedy caption as token ids (end token excluded)."""
+           max_new_tokens: int, prefixes: list[list[int]] | None = None) -> list[list[int]]:
+    """Each image's greedy caption as token ids (end token excluded). `prefixes`: each image's forced beginning
+    (token ids, part of its caption; a brand step's word), the rest decoded greedily after it; images whose
+    prefixes are as long are decoded together."""
+    if prefixes is None or not any(prefixes):
+        return _greedy(decoder, encoder_hidden, start_token_id, eos_token_id, max_new_tokens)
+    if len(prefixes) != encoder_hidden.shape[0]:
+        raise ValueError(f"{len(prefixes)} prefixes for {encoder_hidden.shape[0]} images")
+    out: list[list[int]] = [[] for _ in prefixes]
+    by_length: dict[int, list[int]] = {}
+    for image, prefix in enumerate(prefixes):
+        by_length.setdefault(len(prefix), []).append(image)
+    for length, images in by_length.items():
+        forced = torch.tensor([prefixes[i] for i in images], dtype=torch.long).reshape(len(images), length)
+        found = _greedy(decoder, encoder_hidden[images], start_token_id, eos_token_id, max_new_tokens,
+                        forced if length else None)
+        for image, tokens in zip(images, found):
+            out[image] = tokens
+    return out
+
+
+def _greedy(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, start_token_id: int, eos_token_id: int,
+            max_new_tokens: int, prefix: torch.Tensor | None = None) -> list[list[int]]:
+    """`greedy` for images with forced prefixes of one length (`prefix`: (images, m) token ids) or none."""
     images = encoder_hidden.shape[0]
     steps = min(max_new_tokens, decoder.config.n_positions)
+    if prefix is not None and prefix.shape[1] >= steps:
+        return [row[:steps] for row in prefix.tolist()]
     columns = OutputColumns.of(decoder.lm_head)
     state = IncrementalDecoder(decoder, encoder_hidden, 1, steps)
-    tokens = torch.full((images,), start_token_id, dtype=torch.long)
+    start = torch.full((images,), start_token_id, dtype=torch.long)
+    if prefix is None:
+        forced, hidden = 0, state.step(start)
+        out: list[list[int]] = [[] for _ in range(images)]
+    else:  # the start token and the prefix in one pass; the next token is chosen after the prefix's last
+        forced, hidden = prefix.shape[1], state.extend(torch.cat([start[:, None], prefix], dim=1))[:, -1]
+        out = prefix.tolist()
     image_of_row = torch.arange(images)
     ended = torch.zeros(images, dtype=torch.bool)
-    out: list[list[int]] = [[] for _ in range(images)]
-    for _ in range(steps):
-        chosen = columns.tokens[columns.logits(state.step(tokens)).argmax(dim=-1)]
+    for left in range(steps - forced, 0, -1):
+        chosen = columns.tokens[columns.logits(hidden).argmax(dim=-1)]
         going = ~ended & (chosen != eos_token_id)
         for image, token in zip(image_of_row[going].tolist(), chosen[going].tolist()):
             out[image].append(token)
         ended |= ~going
-        if bool(ended.all()):
+        if bool(ended.all()) or left == 1:
             break
         # ended rows are fed their end token and ignored; once a quarter of the rows have ended they leave the
         # batch (dropping each at once would copy the key/value buffers at almost every step)
@@ -202,24 +232,53 @@ def greedy(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, start_token_i
             kept = torch.nonzero(~ended).squeeze(1)
             state.keep_images(kept)
             image_of_row, chosen, ended = image_of_row[kept], chosen[kept], ended[kept]
-        tokens = chosen
+        hidden = state.step(chosen)
     return out
 
 
 @torch.no_grad()
+def prefix_log_probs(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, start_token_id: int,
+                     prefixes: list[list[int]], group: int = 1) -> torch.Tensor:
+    """(rows,) the decoder's log-probability of each row's prefix (non-empty token ids): how likely it finds a
+    caption beginning so. `group` rows per image, grouped by image (an image's candidate first words); all in one
+    pass, shorter prefixes padded (a position never sees those after it)."""
+    if len(prefixes) != encoder_hidden.shape[0] * group:
+        raise ValueError(f"{len(prefixes)} prefixes for {encoder_hidden.shape[0]} images of {group}")
+    if not all(prefixes):
+        raise ValueError(f"prefix {[len(p) for p in prefixes].index(0)} is empty")
+    columns = OutputColumns.of(decoder.lm_head)
+    longest = max(map(len, prefixes))
+    forced = torch.full((len(prefixes), longest), start_token_id, dtype=torch.long)
+    real = torch.zeros(len(prefixes), longest, dtype=torch.bool)
+    for row, prefix in enumerate(prefixes):
+        forced[row, : len(prefix)], real[row, : len(prefix)] = torch.tensor(prefix), True
+    state = IncrementalDecoder(decoder, encoder_hidden, group, longest + 1)
+    hidden = state.extend(torch.cat([torch.full((len(prefixes), 1), start_token_id), forced], dim=1))[:, :-1]
+    # the output layer (most of the work) only where a prefix token is: not on the padding
+    log_probs = columns.log_probs(hidden[real]).gather(-1, columns.column_of[forced[real]][:, None])[:, 0]
+    row_of = torch.arange(len(prefixes))[:, None].expand(-1, longest)
+    return torch.zeros(len(prefixes), dtype=log_probs.dtype).index_add_(0, row_of[real], log_probs)
+
+
+@torch.no_grad()
 def drafted_greedy(decoder: GPT2LMHeadModel, encoder_hidden: torch.Tensor, start_token_id: int, eos_token_id: int,
-                   max_new_tokens: int, draft: NameDraft, draft_tokens: int = DRAFT_TOKENS) -> list[int]:
+                   max_new_tokens: int, draft: NameDraft, draft_tokens: int = DRAFT_TOKENS,
+                   prefix: list[int] | None = None) -> list[int]:
     """One image's greedy caption as token ids (end token excluded), checking `draft`'s guess of how it goes on at
     each step: the model's own choice after every position, kept up to the first guessed token it would not have
     chosen (speculative decoding with a draft that costs no model). The same tokens as `greedy`, but where two tie
-    within float rounding (a step over several positions rounds differently; tests compare both paths)."""
+    within float rounding (a step over several positions rounds differently; tests compare both paths).
+    `prefix`: the caption's forced beginning, as in `greedy`."""
     if encoder_hidden.shape[0] != 1:
         raise ValueError(f"drafted greedy decoding takes one image, not {encoder_hidden.shape[0]}")
     steps = min(max_new_tokens, decoder.config.n_positions)
     columns = OutputColumns.of(decoder.lm_head)
     state = IncrementalDecoder(decoder, encoder_hidden, 1, steps)
-    out: list[int] = []
+    out: list[int] = list(prefix or [])[:steps]
     last = start_token_id
+    if out:
+        state.extend(torch.tensor([[start_token_id, *out[:-1]]]))
+        last = out[-1]
     while len(out) < steps:  # the buffer holds the start token and out[:-1]: state.length == len(out)
         guess = draft.propose(out, min(draft_tokens, steps - len(out) - 1))
         hidden = state.extend(torch.tensor([[last, *guess]]))[0]

@@ -15,12 +15,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutput
 
 from ris_core import decoding
 from ris_core.allocator import keep_freed_memory
+from ris_core.brand_step import BrandStep
 from ris_core.captioning import CaptionBatch, CaptionerBase
 from ris_core.draft import NameDraft
 from ris_core.encoding_cache import EncodingCache, Parts
@@ -51,6 +52,7 @@ class Encoded:
     raw: torch.Tensor  # encoder tokens, as generate() takes them
     hidden: torch.Tensor  # the same at the decoder's width (cross-attention input)
     pooled: torch.Tensor  # (B, D) image embedding before normalisation
+    mid: torch.Tensor | None = None  # the frozen backbone's stride-16 maps (ours): what a brand step reads
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Captioner(CaptionerBase):
     tree_scoring: bool = True  # with fast decoding, candidates scored over prefix trees; False: one row each
     encodings: EncodingCache | None = None  # set: images met before skip the encoder (an evaluation sets one)
     draft: NameDraft | None = None  # set: a single image's greedy caption checks guesses from these names
+    brand_step: BrandStep | None = None  # set: greedy captions begin with its word (ris_core/brand_step.py)
+    _word_tokens: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> Captioner:
@@ -77,7 +81,11 @@ class Captioner(CaptionerBase):
             raise CheckpointError(f"{path} has no model/ folder: this run has no checkpoint to caption with")
         model, spec = load_model_dir(model_dir)
         if spec is not None:
-            return cls(model=model, spec=spec, name=path.name)
+            brand_step = BrandStep.load(model_dir)
+            if brand_step is not None and not (hasattr(model.encoder, "backbone_maps") and decoding.supports(model)):
+                raise CheckpointError(f"{model_dir} has a brand step, which needs a MobileNetV2 encoder and a "
+                                      f"GPT-2 decoder that decodes with ris_core.decoding")
+            return cls(model=model, spec=spec, name=path.name, brand_step=brand_step)
         processor, tokenizer = _saved_text_and_image_parts(model_dir)
         _fill_generation_ids(model, tokenizer)
         return cls(model=model, spec=None, name=path.name, processor=processor, tokenizer=tokenizer)
@@ -167,7 +175,7 @@ class Captioner(CaptionerBase):
         raw = self.model.encoder.tokens_from_maps(*parts) if self.has_backbone else parts[0]
         projection = getattr(self.model, "enc_to_dec_proj", None)
         hidden = projection(raw) if projection is not None and _has_projection(self.model) else raw
-        return Encoded(raw=raw, hidden=hidden, pooled=self._pooled(parts))
+        return Encoded(raw=raw, hidden=hidden, pooled=self._pooled(parts), mid=parts[0] if self.has_backbone else None)
 
     @torch.no_grad()
     def run_batch(self, images: list[Image.Image], references: list[str] | None = None, num_beams: int = 1,
@@ -182,14 +190,35 @@ class Captioner(CaptionerBase):
         if num_beams > 1:
             out.captions = [beams[0] for beams in self.n_best(encoded, num_beams, max_new_tokens)]
         elif self.decodes_fast and self.draft is not None and len(hidden) == 1:
+            prefix = (self.first_word_tokens(images, encoded) or [None])[0]
             out.captions = self._texts([decoding.drafted_greedy(self.model.decoder, hidden, self.start_token_id,
-                                                                self.eos_token_id, max_new_tokens, self.draft)])
+                                                                self.eos_token_id, max_new_tokens, self.draft,
+                                                                prefix=prefix)])
         elif self.decodes_fast:
             out.captions = self._texts(decoding.greedy(self.model.decoder, hidden, self.start_token_id,
-                                                       self.eos_token_id, max_new_tokens))
+                                                       self.eos_token_id, max_new_tokens,
+                                                       self.first_word_tokens(images, encoded)))
         else:
             out.captions = self._texts(self._generate(raw, 1, 1, max_new_tokens))
         return out
+
+    def first_word_tokens(self, images: list[Image.Image], encoded: Encoded) -> list[list[int]] | None:
+        """Each image's forced first word (token ids) with a brand step, else None: of the step's likeliest words
+        (from the photo and its mirror image, the reranker's other view), the one with the highest sum of the
+        step's and the decoder's log-probabilities."""
+        if self.brand_step is None or encoded.mid is None:
+            return None
+        mirrored = self._encoder_parts([ImageOps.mirror(im) for im in images])[0]
+        step_log_probs, indices = self.brand_step.likeliest(encoded.mid, mirrored)
+        images, k = indices.shape
+        words = [self.brand_step.words[i] for i in indices.reshape(-1).tolist()]
+        for word in set(words) - self._word_tokens.keys():
+            self._word_tokens[word] = self.token_ids([word])[0][:-1]
+        candidates = [self._word_tokens[word] for word in words]
+        decoder_log_probs = decoding.prefix_log_probs(self.model.decoder, encoded.hidden, self.start_token_id,
+                                                      candidates, group=k)
+        best = (step_log_probs + decoder_log_probs.view(images, k)).argmax(dim=1).tolist()
+        return [candidates[image * k + choice] for image, choice in enumerate(best)]
 
     def _generate(self, raw: torch.Tensor, num_beams: int, num_return_sequences: int,
                   max_new_tokens: int) -> torch.Tensor:

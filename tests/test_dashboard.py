@@ -363,6 +363,13 @@ def test_caption_quality_shows_how_often_the_first_word_is_right_for_the_product
     odd = [i for i in range(n) if i % 2]
     novel = sum(i % 3 == 0 for i in odd) / len(odd)
     assert novel != everywhere and shown(at).value == f"{novel * 100:.1f}%"
+    assert not any("brand step" in c.value for c in at.caption)
+    # an evaluation of a run with a brand step says its greedy captions begin with the step's word
+    metrics_path = run / "eval" / "caption_metrics.json"
+    metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "brand_step_words": 432}))
+    at = app("pages/caption_quality.py", run=run)
+    assert_clean(at)
+    assert any("Greedy after a brand step" in c.value and "over 432 words" in c.value for c in at.caption)
 
 def test_compare_captions_marks_words_filters_and_reopens_from_its_link(runs_root):
     from ris_core.caption_compare import System, compare_table, only

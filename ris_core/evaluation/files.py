@@ -45,7 +45,8 @@ _SCORES = {name: float for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "bre
 DECODING_SPEC = {**_SCORES, "n": int, "k": int, "num_beams": int, "mirror": bool}
 CAPTION_METRICS_SPEC = {"run": str, "data_dir": str, "n_scored": int, "n_skipped": int,
                         "n_missing_from_data_dir": int, "num_beams": int, "images_per_second": float,
-                        "catalog_size": int, "model": DECODING_SPEC, "nn_caption_baseline": DECODING_SPEC,
+                        "catalog_size": int, "brand_step_words": int, "model": DECODING_SPEC,
+                        "nn_caption_baseline": DECODING_SPEC,
                         "reranked": DECODING_SPEC}
 RETRIEVAL_SPEC = {"run": str, "catalog": str, "k": int, "n_boot": int, "n_queries": int, "catalog_size": int,
                   "rows": list, "paired": list}

@@ -588,6 +588,8 @@ def _caption_metrics(ctx: _Context, captions: pd.DataFrame, nn_caption: list[str
         "run": ctx.run.name, "data_dir": str(ctx.data_dir), "n_scored": len(captions),
         "n_skipped": len(state["skipped"]), "n_missing_from_data_dir": missing, "num_beams": config.num_beams,
         "images_per_second": state["images_per_second"],
+        # greedy captions that begin with a brand step's word (ris_core/brand_step.py): how many words it knows
+        **({"brand_step_words": len(step.words)} if (step := getattr(ctx.captioner, "brand_step", None)) else {}),
         "model": {**scored(captions, "model"), "loss": loss, "perplexity": math.exp(loss), **other,
                   "perplexity_definition": PERPLEXITY_DEFINITION},
         "nn_caption_baseline": scored(captions, "nn_caption_baseline"),

@@ -1,0 +1,197 @@
+"""The brand step (ris_core/brand_step.py): forced-prefix decoding, the step's file, the joint choice of the first
+word, and its training (training/train_brand_step.py), which resumes after a kill where it stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ris_core import decoding
+from ris_core.brand_step import FILE, BrandStep, first_word, written_forms
+from ris_core.draft import NameDraft
+from ris_core.encoder_decoder import Captioner
+from ris_core.errors import CheckpointError, RunError
+from ris_core.evaluation.pipeline import model_digest
+from ris_core.modeling import ModelSpec, build_captioner, token_cross_entropy
+from ris_core.runs import Run
+from training.train_brand_step import Checkpoint, main, pick_by_name, train
+
+
+@pytest.fixture(scope="module")
+def captioner() -> Captioner:
+    torch.manual_seed(0)
+    spec = ModelSpec(n_layer=2, n_embd=64, n_head=2)
+    return Captioner(model=build_captioner(spec).eval(), spec=spec, name="untrained")
+
+
+def photos(n: int) -> list[Image.Image]:
+    return [Image.new("RGB", (60, 80), (60 * i % 256, 90, 200 - 30 * i)) for i in range(n)]
+
+
+def test_first_words_are_normalised_and_written_as_most_training_names_write_them():
+    assert first_word("U.S. Polo Assn Men Shirt") == "us" and first_word("") == ""
+    assert written_forms(["U.S. Polo Assn Men Shirt", "U.S. Polo Assn Women Top", "US Polo Kids Cap",
+                          "Nike Men Shoes", ""]) == {"us": "U.S.", "nike": "Nike"}
+
+
+def test_forced_prefixes_come_first_and_greedy_decoding_goes_on_after_them(captioner: Captioner):
+    hidden = captioner.encode(photos(3)).hidden
+    # an untrained model may end at once: with no end token its captions run to the length limit
+    decoder, start, eos = captioner.model.decoder, captioner.start_token_id, -1
+    plain = decoding.greedy(decoder, hidden, start, eos, 12)
+    assert decoding.greedy(decoder, hidden, start, eos, 12, [[], [], []]) == plain
+    assert all(len(caption) == 12 for caption in plain)
+    # each image's own first two greedy tokens forced change nothing; others come first, of mixed lengths
+    assert decoding.greedy(decoder, hidden, start, eos, 12, [c[:2] for c in plain]) == plain
+    forced = decoding.greedy(decoder, hidden, start, eos, 12, [[11], [13, 14], []])
+    assert forced[0][:1] == [11] and forced[1][:2] == [13, 14] and forced[2] == plain[2]
+    assert all(len(caption) == 12 for caption in forced) and forced[:2] != plain[:2]
+    # one image at a time with a draft of guesses: the same captions
+    draft = NameDraft([[11, 5, 6, 7], [13, 14, 8]], eos)
+    for image, prefix in enumerate([[11], [13, 14]]):
+        alone = decoding.drafted_greedy(decoder, hidden[image : image + 1], start, eos, 12, draft, prefix=prefix)
+        assert alone == forced[image]
+    with pytest.raises(ValueError, match="2 prefixes for 3 images"):
+        decoding.greedy(decoder, hidden, start, eos, 12, [[1], [2]])
+
+
+def test_a_prefix_log_probability_is_what_a_full_forward_pass_gives(captioner: Captioner):
+    hidden = captioner.encode(photos(3)).hidden
+    prefixes = [[11, 12], [13], [15, 16, 17]]
+    log_probs = decoding.prefix_log_probs(captioner.model.decoder, hidden, captioner.start_token_id, prefixes)
+    for image, prefix in enumerate(prefixes):
+        with torch.no_grad():
+            loss, tokens = token_cross_entropy(captioner.model, hidden[image : image + 1], torch.tensor([prefix]),
+                                               captioner.start_token_id)
+        assert float(log_probs[image]) == pytest.approx(-loss.item() * tokens, abs=1e-4)
+    # an image's candidates together (rows grouped by image), of mixed lengths: the same log-probabilities
+    grouped = decoding.prefix_log_probs(captioner.model.decoder, hidden[:2], captioner.start_token_id,
+                                        [[11, 12], [15, 16, 17], [13], [11, 12]], group=2)
+    alone = [decoding.prefix_log_probs(captioner.model.decoder, hidden[[i]], captioner.start_token_id, [p])
+             for i, p in ((0, [11, 12]), (0, [15, 16, 17]), (1, [13]), (1, [11, 12]))]
+    assert torch.allclose(grouped, torch.cat(alone), atol=1e-4) and grouped[0] != grouped[3]
+    with pytest.raises(ValueError, match="empty"):
+        decoding.prefix_log_probs(captioner.model.decoder, hidden[:1], captioner.start_token_id, [[]])
+    with pytest.raises(ValueError, match="3 prefixes for 2 images of 2"):
+        decoding.prefix_log_probs(captioner.model.decoder, hidden[:2], captioner.start_token_id, [[1]] * 3, 2)
+
+
+def test_a_saved_step_loads_the_same_and_a_broken_one_is_a_clear_error(tmp_path: Path):
+    torch.manual_seed(0)
+    step = BrandStep(["Nike", "Puma", "U.S."]).eval()
+    assert BrandStep.load(tmp_path) is None  # none saved: caption without one
+    step.save(tmp_path)
+    loaded = BrandStep.load(tmp_path)
+    mid = torch.randn(4, 96, 8, 8)
+    assert loaded.words == ["Nike", "Puma", "U.S."] and torch.equal(loaded(mid), step(mid))
+    data = (tmp_path / FILE).read_bytes()
+    (tmp_path / FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable brand step"):
+        BrandStep.load(tmp_path)
+    BrandStep(["Nike", "Puma"]).save(tmp_path)  # another step's weights under these words: shapes differ
+    (tmp_path / FILE).write_bytes((tmp_path / FILE).read_bytes().replace(b'[\\"Nike\\", \\"Puma\\"]',
+                                                                         b'[\\"Nike\\", \\"Pum\\", \\"x\\"]'))
+    with pytest.raises(CheckpointError, match="not a readable brand step"):
+        BrandStep.load(tmp_path)
+
+
+def test_the_step_averages_the_photo_and_its_mirror_image(captioner: Captioner, monkeypatch):
+    torch.manual_seed(0)
+    step = BrandStep(["Nike", "Puma", "Roadster"]).eval()
+    mid, mirrored = torch.randn(2, 96, 8, 8), torch.randn(2, 96, 8, 8)
+    expected = (step(mid).log_softmax(1) + step(mirrored).log_softmax(1)) / 2
+    assert torch.allclose(step.log_probs(mid, mirrored), expected)
+    assert torch.allclose(step.likeliest(mid, mirrored, k=2)[0], expected.topk(2, dim=1).values)
+    seen: list[list[Image.Image]] = []
+    encoder_parts = captioner._encoder_parts
+    monkeypatch.setattr(captioner, "_encoder_parts", lambda images: seen.append(images) or encoder_parts(images))
+    monkeypatch.setattr(captioner, "brand_step", step)
+    image = Image.new("RGB", (60, 80), "white")
+    image.paste((200, 0, 0), (0, 0, 20, 80))  # a red stripe on the left
+    assert captioner.first_word_tokens([image], captioner.encode([image])) is not None
+    assert [im.getpixel((5, 40)) for im in (seen[0][0], seen[1][0])] == [(200, 0, 0), (255, 255, 255)]
+    assert seen[1][0].getpixel((55, 40)) == (200, 0, 0)  # the second pass saw the mirror image
+
+
+def test_the_caption_begins_with_the_word_the_step_and_the_decoder_agree_on(captioner: Captioner):
+    words = ["Nike", "Puma", "Roadster"]
+    step = BrandStep(words).eval()
+    torch.nn.init.zeros_(step.out[1].weight)
+    images = photos(2)
+    try:
+        captioner.brand_step = step
+        # a step sure of one word: every caption begins with it, batched or one image at a time with a draft
+        step.out[1].bias.data = torch.tensor([0.0, 40.0, 0.0])
+        assert all(c.startswith("Puma") for c in captioner.caption(images))
+        captioner.draft = captioner.draft_from(["Nike Men Shoes"])
+        assert captioner.caption(images[:1], batch_size=1)[0].startswith("Puma")
+        captioner.draft = None
+        # a step with no preference: the decoder's likeliest of the three words
+        step.out[1].bias.data = torch.zeros(3)
+        encoded = captioner.encode(images)
+        tokens = [captioner.token_ids([w])[0][:-1] for w in words]
+        for image, caption in enumerate(captioner.caption(images)):
+            scores = decoding.prefix_log_probs(captioner.model.decoder, encoded.hidden[[image]],
+                                               captioner.start_token_id, tokens, group=3)
+            assert caption.startswith(words[int(scores.argmax())])
+    finally:
+        captioner.brand_step, captioner.draft = None, None
+
+
+def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_path: Path):
+    torch.manual_seed(1)
+    words = ["Nike", "Puma"]
+    mid, labels = torch.randn(40, 96, 4, 4), torch.randint(0, 2, (40,))
+    mid[labels == 1] += 0.5  # a learnable difference
+    fit, pick, flipped = (mid[:32], labels[:32]), (mid[32:], labels[32:]), mid[:32].flip(-1)
+
+    def fresh() -> BrandStep:
+        torch.manual_seed(0)
+        return BrandStep(words)
+
+    whole = fresh()
+    result = train(whole, fit, pick, epochs=3, mirrored=flipped)
+    checkpoint = Checkpoint(tmp_path / "checkpoints")
+    train(fresh(), fit, pick, epochs=2, mirrored=flipped, checkpoint=checkpoint)  # killed after epoch 2
+    resumed = fresh()
+    again = train(resumed, fit, pick, epochs=3, mirrored=flipped, checkpoint=checkpoint)
+    assert again == result and len(result["pick_curve"]) == 3
+    for name, tensor in whole.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[name].float(), tensor.float(), atol=1e-6), name
+    # a checkpoint of other words is not resumed from
+    other = BrandStep(["Adidas", "Puma"])
+    assert checkpoint.load(other, torch.optim.AdamW(other.parameters()), other.words) is None
+
+
+def test_the_pick_set_holds_whole_names_out():
+    ids, names = list(range(40)), [f"Brand{i % 20} Men Shirt" for i in range(40)]
+    picked = pick_by_name(ids, names)
+    assert len(picked) == 4 and {names[i] for i in picked}.isdisjoint(names[i] for i in ids if i not in picked)
+
+
+@pytest.mark.slow
+def test_a_trained_step_goes_into_the_run_and_its_captions_begin_with_its_words(tiny_run: Path, tmp_path: Path):
+    run_dir = tmp_path / "tiny-brand"
+    shutil.copytree(tiny_run, run_dir)
+    before = model_digest(Run(run_dir))
+    main(["--run", str(run_dir), "--epochs", "2", "--cache_dir", str(tmp_path / "cache")])
+    summary = json.loads((run_dir / "brand_step.json").read_text())
+    assert len(summary["pick_curve"]) == 2 and summary["words"] > 1
+    assert not list((run_dir / "checkpoints" / "brand_step").glob("state.*"))  # done: nothing left to resume
+    assert model_digest(Run(run_dir)) != before  # an evaluation captions again
+    captioner = Captioner.load(run_dir)
+    words = captioner.brand_step.words
+    assert len(words) == summary["words"]
+    assert all(any(caption.startswith(w) for w in words) for caption in captioner.caption(photos(4)))
+
+
+def test_training_a_step_where_there_is_nothing_to_train_says_why(tmp_path: Path):
+    with pytest.raises(RunError, match="--epochs must be at least 1"):
+        main(["--run", str(tmp_path), "--epochs", "0"])
+    with pytest.raises(CheckpointError, match="no model/ folder"):
+        main(["--run", str(tmp_path / "no-such-run")])
