@@ -163,9 +163,12 @@ def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_
     assert again == result and len(result["pick_curve"]) == 3
     for name, tensor in whole.state_dict().items():
         assert torch.allclose(resumed.state_dict()[name].float(), tensor.float(), atol=1e-6), name
-    # a checkpoint of other words is not resumed from
+    # a checkpoint of other words, another seed or without flips is not resumed from
     other = BrandStep(["Adidas", "Puma"])
-    assert checkpoint.load(other, torch.optim.AdamW(other.parameters()), other.words) is None
+    optimizer = torch.optim.AdamW(other.parameters())
+    assert checkpoint.load(other, optimizer, {"words": other.words, "seed": 0, "flips": True}) is None
+    assert checkpoint.load(fresh(), optimizer, {"words": words, "seed": 1, "flips": True}) is None
+    assert checkpoint.load(fresh(), optimizer, {"words": words, "seed": 0, "flips": False}) is None
 
 
 def test_the_pick_set_holds_whole_names_out():

@@ -73,14 +73,15 @@ class Checkpoint:
             save_file(tensors, tmp)
         write_json_atomic(self.info, info)  # written last: its epoch count says the tensors are complete
 
-    def load(self, step: nn.Module, optimizer: torch.optim.Optimizer, words: list[str]) -> tuple[dict, dict] | None:
-        """(best state, info) after restoring the step and the optimizer, or None to start over."""
+    def load(self, step: nn.Module, optimizer: torch.optim.Optimizer, setup: dict) -> tuple[dict, dict] | None:
+        """(best state, info) after restoring the step and the optimizer, or None to start over (also when the
+        checkpoint was written for another `setup`: words, seed, flips)."""
         if not (self.info.is_file() and self.tensors.is_file()):
             return None
         try:
             info = json.loads(self.info.read_text())
-            if info.get("words") != words:
-                logger.warning("checkpoint of other words (another split or data): starting over")
+            if {k: info.get(k) for k in setup} != setup:
+                logger.warning("checkpoint of another setup (words, seed or flips): starting over")
                 return None
             tensors = load_file(self.tensors)
             step.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("step.")}, strict=True)
@@ -102,9 +103,10 @@ def train(step: BrandStep, fit: tuple, pick: tuple, epochs: int, mirrored: torch
     fit products' maps of their mirrored photos, each drawn instead of the photo's own half of the time."""
     optimizer = torch.optim.AdamW(step.parameters(), lr=step.lr, weight_decay=0.05)
     mid, labels = fit
-    info = {"words": step.words, "pick_curve": []}
+    setup = {"words": step.words, "seed": seed, "flips": mirrored is not None}
+    info = {**setup, "pick_curve": []}
     best: dict = {}
-    restored = checkpoint.load(step, optimizer, step.words) if checkpoint else None
+    restored = checkpoint.load(step, optimizer, setup) if checkpoint else None
     if restored:
         best, info = restored
         logger.info("resuming after epoch %d", len(info["pick_curve"]))
@@ -143,8 +145,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--cache_dir", type=Path, default=Path(".cache"))
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--mirrored", action=argparse.BooleanOptionalAction, default=True,
-                        help="flip augmentation from the cached maps of the mirrored photos (extracted once, ~2 min; "
-                             "also used to score the pick set as captioning does)")
+                        help="flip augmentation from the cached maps of the mirrored photos (extracted once, ~2 min, "
+                             "and read either way to score the pick set as captioning reads photos)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.epochs < 1:
