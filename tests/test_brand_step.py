@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from ris_core import decoding
 from ris_core.brand_step import FILE, BrandStep, first_word, written_forms
@@ -155,14 +156,18 @@ def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_
         return BrandStep(words)
 
     whole = fresh()
-    result = train(whole, fit, pick, epochs=3, mirrored=flipped)
+    result = train(whole, fit, pick, epochs=3, mirrored=flipped, checkpoint=Checkpoint(tmp_path / "whole"))
     checkpoint = Checkpoint(tmp_path / "checkpoints")
     train(fresh(), fit, pick, epochs=2, mirrored=flipped, checkpoint=checkpoint)  # killed after epoch 2
     resumed = fresh()
     again = train(resumed, fit, pick, epochs=3, mirrored=flipped, checkpoint=checkpoint)
     assert again == result and len(result["pick_curve"]) == 3
-    for name, tensor in whole.state_dict().items():
+    for name, tensor in whole.state_dict().items():  # the best epoch's weights
         assert torch.allclose(resumed.state_dict()[name].float(), tensor.float(), atol=1e-6), name
+    # and the third epoch's, whichever was best: the optimizer's moments were restored with the weights
+    last_whole, last_resumed = load_file(tmp_path / "whole" / "state.safetensors"), load_file(checkpoint.tensors)
+    assert last_whole.keys() == last_resumed.keys()
+    assert all(torch.allclose(last_whole[k].float(), last_resumed[k].float(), atol=1e-6) for k in last_whole)
     # a checkpoint of other words, another seed or without flips is not resumed from
     other = BrandStep(["Adidas", "Puma"])
     optimizer = torch.optim.AdamW(other.parameters())
