@@ -1,6 +1,6 @@
 """Train a run's brand step (ris_core/brand_step.py) into its model folder; the same command resumes after a kill.
 
-    python -m training.train_brand_step --run results/runs/grouped-cpu-brand-step   # ~20 min on 2 cores
+    python -m training.train_brand_step --run results/runs/grouped-cpu-brand-step   # ~13 min on 2 cores
 
 The step learns the first word of the run's training products' names from the backbone maps the captioner was
 trained on (the training's map cache: no photo is decoded again), tuning MobileNetV2's last stage from its ImageNet
