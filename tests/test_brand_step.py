@@ -3,6 +3,7 @@ word, and its training (training/train_brand_step.py), which resumes after a kil
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from ris_core import decoding
 from ris_core.brand_step import FILE, BrandStep, first_word, written_forms
@@ -20,7 +22,7 @@ from ris_core.errors import CheckpointError, RunError
 from ris_core.evaluation.pipeline import model_digest
 from ris_core.modeling import ModelSpec, build_captioner, token_cross_entropy
 from ris_core.runs import Run
-from training.train_brand_step import Checkpoint, main, pick_by_name, train
+from training.train_brand_step import Checkpoint, Views, main, pick_by_name, train
 
 
 @pytest.fixture(scope="module")
@@ -149,31 +151,87 @@ def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_
     words = ["Nike", "Puma"]
     mid, labels = torch.randn(40, 96, 4, 4), torch.randint(0, 2, (40,))
     mid[labels == 1] += 0.5  # a learnable difference
-    fit, pick, flipped = (mid[:32], labels[:32]), (mid[32:], labels[32:]), mid[:32].flip(-1)
+    fit, pick = (mid[:32], labels[:32]), (mid[32:], labels[32:])
+    has_larger = torch.arange(32) % 2 == 0  # a view only some products have
+    views = Views(["mirrored", "larger"], [mid[:32].flip(-1), mid[:32] * 1.1],
+                  torch.stack([torch.ones(32, dtype=torch.bool), has_larger]))
 
     def fresh() -> BrandStep:
         torch.manual_seed(0)
         return BrandStep(words)
 
+    class KilledAfter(Checkpoint):
+        def save(self, *args) -> None:
+            super().save(*args)
+            if len(args[-1]["pick_curve"]) == 2:
+                raise KeyboardInterrupt
+
     whole = fresh()
-    result = train(whole, fit, pick, epochs=3, mirrored=flipped, checkpoint=Checkpoint(tmp_path / "whole"))
+    result = train(whole, fit, pick, epochs=3, views=views, checkpoint=Checkpoint(tmp_path / "whole"),
+                   average_last=2)
     checkpoint = Checkpoint(tmp_path / "checkpoints")
-    train(fresh(), fit, pick, epochs=2, mirrored=flipped, checkpoint=checkpoint)  # killed after epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(), fit, pick, epochs=3, views=views, checkpoint=KilledAfter(checkpoint.tensors.parent),
+              average_last=2)
     resumed = fresh()
-    again = train(resumed, fit, pick, epochs=3, mirrored=flipped, checkpoint=checkpoint)
+    again = train(resumed, fit, pick, epochs=3, views=views, checkpoint=checkpoint, average_last=2)
     assert again == result and len(result["pick_curve"]) == 3
-    for name, tensor in whole.state_dict().items():  # the best epoch's weights
+    for name, tensor in whole.state_dict().items():  # the kept weights (the best epoch's or the average)
         assert torch.allclose(resumed.state_dict()[name].float(), tensor.float(), atol=1e-6), name
     # and the third epoch's, whichever was best: the optimizer's moments were restored with the weights
     last_whole, last_resumed = load_file(tmp_path / "whole" / "state.safetensors"), load_file(checkpoint.tensors)
     assert last_whole.keys() == last_resumed.keys()
     assert all(torch.allclose(last_whole[k].float(), last_resumed[k].float(), atol=1e-6) for k in last_whole)
-    # a checkpoint of other words, another seed or without flips is not resumed from
+    # a checkpoint of other words, seed, views or schedule is not resumed from
     other = BrandStep(["Adidas", "Puma"])
     optimizer = torch.optim.AdamW(other.parameters())
-    assert checkpoint.load(other, optimizer, {"words": other.words, "seed": 0, "flips": True}) is None
-    assert checkpoint.load(fresh(), optimizer, {"words": words, "seed": 1, "flips": True}) is None
-    assert checkpoint.load(fresh(), optimizer, {"words": words, "seed": 0, "flips": False}) is None
+    same = {"words": words, "seed": 0, "views": views.names, "cosine": False, "epochs": 3, "average_last": 2}
+    assert checkpoint.load(fresh(), optimizer, AveragedModel(fresh()), same) is not None
+    for changed in ({"words": other.words}, {"seed": 1}, {"views": ["mirrored"]}, {"cosine": True}, {"epochs": 4},
+                    {"average_last": 3}):
+        step = other if "words" in changed else fresh()
+        assert checkpoint.load(step, optimizer, AveragedModel(step), same | changed) is None
+
+
+def test_the_last_epochs_weights_are_averaged_and_kept_when_better_on_the_pick_set(tmp_path: Path):
+    torch.manual_seed(1)
+    mid, labels = torch.randn(48, 96, 4, 4), torch.randint(0, 3, (48,))
+    mid += labels[:, None, None, None] * 0.3
+    weights = []
+
+    class Recording(Checkpoint):
+        def save(self, step, *args) -> None:
+            weights.append(step.out[1].weight.detach().clone())
+
+    step = BrandStep(["Nike", "Puma", "Adidas"])
+    result = train(step, (mid[:40], labels[:40]), (mid[40:], labels[40:]), epochs=4,
+                   checkpoint=Recording(tmp_path), average_last=3)
+    assert result["averaged_epochs"] == [2, 3, 4] and 0 <= result["averaged_pick_accuracy"] <= 1
+    assert result["kept"] == "average" and result["averaged_pick_accuracy"] >= result["pick_accuracy"]
+    assert torch.allclose(step.out[1].weight, torch.stack(weights[1:]).mean(0), atol=1e-6)
+    # the batch-norm statistics are the averaged weights' own, over the fit maps
+    again = copy.deepcopy(step)
+    update_bn([mid[:40]], again)
+    norms = [(m, n) for m, n in zip(step.modules(), again.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(torch.allclose(m.running_var, n.running_var, atol=1e-5) for m, n in norms)
+
+
+def test_views_are_drawn_only_where_a_product_has_them_and_as_often_as_its_photo():
+    fit_ids = [10, 11, 12, 13]
+    photo = torch.tensor(fit_ids, dtype=torch.float)[:, None]  # each map holds its product's id, plus 100 or 200
+    mirrored = {"ids": torch.tensor([13, 12, 11, 10]), "mid": torch.tensor([[113.0], [112.0], [111.0], [110.0]])}
+    larger = {"ids": torch.tensor([11, 10]), "mid": torch.tensor([[211.0], [210.0]])}  # for 10 and 11 only
+    views = Views.of({"mirrored": mirrored, "larger": larger}, fit_ids)
+    torch.manual_seed(0)
+    rows = torch.arange(4).repeat(3000)
+    shown = views.draw(rows, photo[rows].clone()).squeeze(1)
+    assert torch.equal(shown % 100, photo[rows].squeeze(1))  # always a view of the product drawn
+    source = shown // 100  # 0: the photo, 1: the mirror image, 2: the larger photo
+    with_larger, without = source[rows < 2], source[rows >= 2]
+    assert 2 not in without.tolist()
+    for view in (0, 1, 2):
+        assert abs((with_larger == view).float().mean() - 1 / 3) < 0.03
+    assert abs((without == 0).float().mean() - 0.5) < 0.03
 
 
 def test_the_pick_set_holds_whole_names_out():
@@ -189,7 +247,7 @@ def test_a_trained_step_goes_into_the_run_and_its_captions_begin_with_its_words(
     before = model_digest(Run(run_dir))
     main(["--run", str(run_dir), "--epochs", "2", "--cache_dir", str(tmp_path / "cache")])
     summary = json.loads((run_dir / "brand_step.json").read_text())
-    assert len(summary["pick_curve"]) == 2 and summary["words"] > 1
+    assert len(summary["pick_curve"]) == 2 and summary["words"] > 1 and summary["averaged_epochs"] == [1, 2]
     assert not list((run_dir / "checkpoints" / "brand_step").glob("state.*"))  # done: nothing left to resume
     assert model_digest(Run(run_dir)) != before  # an evaluation captions again
     captioner = Captioner.load(run_dir)
@@ -201,5 +259,7 @@ def test_a_trained_step_goes_into_the_run_and_its_captions_begin_with_its_words(
 def test_training_a_step_where_there_is_nothing_to_train_says_why(tmp_path: Path):
     with pytest.raises(RunError, match="--epochs must be at least 1"):
         main(["--run", str(tmp_path), "--epochs", "0"])
+    with pytest.raises(RunError, match="--average_last must be 0 or more"):
+        main(["--run", str(tmp_path), "--average_last", "-1"])
     with pytest.raises(CheckpointError, match="no model/ folder"):
         main(["--run", str(tmp_path / "no-such-run")])

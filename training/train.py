@@ -444,7 +444,7 @@ def larger_photo_maps(model, catalog, ids: list[int], train_ids: list[int], spec
     row_of = {int(pid): r for r, pid in enumerate(maps["ids"].tolist()) if int(pid) in training}
     logger.info("larger photos: %d of %d training products (shown with chance %.2f)", len(row_of),
                 len(train_ids), data_args.larger_images_p)
-    return {"row_of": row_of, "maps": (maps["mid"], maps["final"]), "mirrored": mirrored}
+    return {"row_of": row_of, "ids": maps["ids"], "maps": (maps["mid"], maps["final"]), "mirrored": mirrored}
 
 
 def jittered_maps(model, catalog, ids: list[int], train_ids: list[int], spec, data_args) -> dict:
@@ -463,7 +463,7 @@ def jittered_maps(model, catalog, ids: list[int], train_ids: list[int], spec, da
     row_of = {int(pid): r for r, pid in enumerate(held.tolist()) if int(pid) in training}
     logger.info("jittered views: %d of %d training products, %d views (shown with chance %.2f)", len(row_of),
                 len(train_ids), len(views), data_args.jitter_p)
-    return {"row_of": row_of, "views": views}
+    return {"row_of": row_of, "ids": held, "views": views}
 
 
 def cli() -> None:

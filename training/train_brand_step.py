@@ -1,13 +1,15 @@
 """Train a run's brand step (ris_core/brand_step.py) into its model folder; the same command resumes after a kill.
 
-    python -m training.train_brand_step --run results/runs/grouped-cpu-brand-step   # ~13 min on 2 cores
+    python -m training.train_brand_step --run results/runs/grouped-cpu-brand-step   # ~15 min on 2 cores
 
 The step learns the first word of the run's training products' names from the backbone maps the captioner was
 trained on (the training's map cache: no photo is decoded again), tuning MobileNetV2's last stage from its ImageNet
-weights. A tenth of the training products, held out by name as the split by name holds products out, picks the
-epoch; the run's held-out products are never seen. Writes model/brand_step.safetensors (the captioner's digest
-changes with it: an evaluation captions again) and brand_step.json (the pick curve); checkpoints/brand_step/ holds
-the state after each epoch until the step is saved.
+weights at a constant rate, the mirror images' maps shown half of the time. A tenth of the training products, held
+out by name as the split by name holds products out, picks between the best epoch and the average of the last
+three epochs' weights (results/cpu-preset.md: the average names more first words, a cosine schedule or the
+recipe's jittered and larger photos fewer); the run's held-out products are never seen. Writes
+model/brand_step.safetensors (the captioner's digest changes with it: an evaluation captions again) and
+brand_step.json (the pick curve); checkpoints/brand_step/ holds the state after each epoch until the step is saved.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 
 from ris_core.brand_step import BrandStep, first_word, written_forms
@@ -33,6 +39,7 @@ from ris_core.evaluation.pipeline import resolve_data_dir
 from ris_core.files import atomic_path, write_json_atomic
 from ris_core.runs import Run, RunError
 from training.data import cached_backbone_maps
+from training.train import jittered_maps, larger_photo_maps
 
 logger = logging.getLogger("training.train_brand_step")
 BATCH = 256
@@ -58,13 +65,16 @@ def accuracy(step: BrandStep, mid: torch.Tensor, labels: torch.Tensor, mirrored:
 
 
 class Checkpoint:
-    """The step's, the optimizer's and the best epoch's tensors (safetensors) and the curve (JSON), per epoch."""
+    """The step's, the optimizer's, the weight average's and the best epoch's tensors (safetensors) and the curve
+    (JSON), per epoch."""
 
     def __init__(self, folder: Path) -> None:
         self.tensors, self.info = folder / "state.safetensors", folder / "state.json"
 
-    def save(self, step: nn.Module, optimizer: torch.optim.Optimizer, best: dict, info: dict) -> None:
+    def save(self, step: nn.Module, optimizer: torch.optim.Optimizer, average: AveragedModel, best: dict,
+             info: dict) -> None:
         tensors = {f"step.{k}": v.detach().contiguous() for k, v in step.state_dict().items()}
+        tensors |= {f"average.{k}": v.detach().contiguous() for k, v in average.state_dict().items()}
         tensors |= {f"best.{k}": v.contiguous() for k, v in best.items()}
         for index, state in optimizer.state_dict()["state"].items():
             tensors |= {f"optimizer.{index}.{k}": torch.as_tensor(v).contiguous() for k, v in state.items()}
@@ -73,18 +83,20 @@ class Checkpoint:
             save_file(tensors, tmp)
         write_json_atomic(self.info, info)  # written last: its epoch count says the tensors are complete
 
-    def load(self, step: nn.Module, optimizer: torch.optim.Optimizer, setup: dict) -> tuple[dict, dict] | None:
-        """(best state, info) after restoring the step and the optimizer, or None to start over (also when the
-        checkpoint was written for another `setup`: words, seed, flips)."""
+    def load(self, step: nn.Module, optimizer: torch.optim.Optimizer, average: AveragedModel,
+             setup: dict) -> tuple[dict, dict] | None:
+        """(best state, info) after restoring the step, the optimizer and the weight average, or None to start over
+        (also when the checkpoint was written for another `setup`: words, seed, views, schedule)."""
         if not (self.info.is_file() and self.tensors.is_file()):
             return None
         try:
             info = json.loads(self.info.read_text())
             if {k: info.get(k) for k in setup} != setup:
-                logger.warning("checkpoint of another setup (words, seed or flips): starting over")
+                logger.warning("checkpoint of another setup (words, seed, views or schedule): starting over")
                 return None
             tensors = load_file(self.tensors)
             step.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("step.")}, strict=True)
+            average.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("average.")}, strict=True)
             saved = optimizer.state_dict()
             for index in saved["state"] or range(len(saved["param_groups"][0]["params"])):
                 prefix = f"optimizer.{index}."
@@ -97,30 +109,68 @@ class Checkpoint:
             return None
 
 
-def train(step: BrandStep, fit: tuple, pick: tuple, epochs: int, mirrored: torch.Tensor | None = None,
-          checkpoint: Checkpoint | None = None, seed: int = 0) -> dict:
-    """Fit `step` on fit = (mid maps, labels), keep the epoch best on `pick`, leave `step` at it. `mirrored`: the
-    fit products' maps of their mirrored photos, each drawn instead of the photo's own half of the time."""
+@dataclass
+class Views:
+    """Other cached views of the fit products' photos (the mirror image, jittered crops, the larger photo): each
+    product is shown its photo or one of the views it has, all equally likely, each time it is drawn."""
+
+    names: list[str]
+    maps: list[torch.Tensor]  # each (fit products, 96, H, W)
+    has: torch.Tensor  # (views, fit products) bool: a larger photo exists for only some products
+
+    @classmethod
+    def of(cls, sources: dict[str, dict], fit_ids: list[int]) -> Views:
+        """The views of `fit_ids` in `sources` ({name: {"ids", "mid"}}, each a cache of some of the products)."""
+        views = cls(list(sources), [], torch.zeros(len(sources), len(fit_ids), dtype=torch.bool))
+        for v, (name, source) in enumerate(sources.items()):
+            where = {int(pid): r for r, pid in enumerate(source["ids"].tolist())}
+            views.has[v] = torch.tensor([i in where for i in fit_ids])
+            views.maps.append(source["mid"][torch.tensor([where.get(i, 0) for i in fit_ids])])
+            logger.info("view %s: %d of %d fit products", name, int(views.has[v].sum()), len(fit_ids))
+        return views
+
+    def draw(self, rows: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        weights = torch.cat([torch.ones(1, len(rows)), self.has[:, rows].float()]).T  # column 0: the photo
+        choice = torch.multinomial(weights, 1).squeeze(1)
+        for v, maps in enumerate(self.maps, start=1):
+            shown = choice == v
+            batch[shown] = maps[rows[shown]].float()
+        return batch
+
+
+def train(step: BrandStep, fit: tuple, pick: tuple, epochs: int, views: Views | None = None,
+          checkpoint: Checkpoint | None = None, seed: int = 0, cosine: bool = False, average_last: int = 0) -> dict:
+    """Fit `step` on fit = (mid maps, labels) and leave it at the better on `pick` of its best epoch and the
+    average of its last `average_last` epochs' weights (batch-norm statistics recomputed on the fit maps).
+    `views`: other maps of the fit products' photos drawn in place of theirs; `cosine`: the rate decays to zero."""
     optimizer = torch.optim.AdamW(step.parameters(), lr=step.lr, weight_decay=0.05)
+    average = AveragedModel(step)
     mid, labels = fit
-    setup = {"words": step.words, "seed": seed, "flips": mirrored is not None}
+    steps_per_epoch = -(-len(labels) // BATCH)
+
+    def rate(t: int) -> float:  # set per batch from the batch's index alone, so a resumed run needs no state for it
+        return step.lr * (0.5 * (1 + math.cos(math.pi * t / (epochs * steps_per_epoch))) if cosine else 1.0)
+
+    setup = {"words": step.words, "seed": seed, "views": views.names if views else [], "cosine": cosine,
+             "epochs": epochs, "average_last": average_last}
     info = {**setup, "pick_curve": []}
     best: dict = {}
-    restored = checkpoint.load(step, optimizer, setup) if checkpoint else None
+    restored = checkpoint.load(step, optimizer, average, setup) if checkpoint else None
     if restored:
         best, info = restored
         logger.info("resuming after epoch %d", len(info["pick_curve"]))
     for epoch in range(len(info["pick_curve"]), epochs):
-        torch.manual_seed(seed + epoch)  # each epoch's order and flips from its own seed: a resumed run draws the same
+        torch.manual_seed(seed + epoch)  # each epoch's order and views from its own seed: a resumed run draws the same
         step.train()
         order = torch.randperm(len(labels))
-        for s in tqdm(range(0, len(order), BATCH), desc=f"brand step, epoch {epoch + 1}/{epochs}", unit="batch",
-                      mininterval=5):
+        for b, s in enumerate(tqdm(range(0, len(order), BATCH), desc=f"brand step, epoch {epoch + 1}/{epochs}",
+                                   unit="batch", mininterval=5)):
+            for group in optimizer.param_groups:
+                group["lr"] = rate(epoch * steps_per_epoch + b)
             rows = order[s : s + BATCH]
             batch = mid[rows].float()
-            if mirrored is not None:
-                flip = torch.rand(len(rows)) < 0.5
-                batch[flip] = mirrored[rows[flip]].float()
+            if views is not None:
+                batch = views.draw(rows, batch)
             # -1 marks a word outside the vocabulary: only pick-set products can have one, but never crash on it
             loss = nn.functional.cross_entropy(step(batch), labels[rows], label_smoothing=0.1, ignore_index=-1)
             optimizer.zero_grad()
@@ -130,12 +180,45 @@ def train(step: BrandStep, fit: tuple, pick: tuple, epochs: int, mirrored: torch
         logger.info("epoch %d: first word right on %.3f of the pick set", epoch + 1, picked)
         if picked > max(info["pick_curve"], default=-1.0):  # the first of equally good epochs, as best_epoch says
             best = {k: v.detach().clone() for k, v in step.state_dict().items()}
+        if epoch >= epochs - average_last:
+            average.update_parameters(step)
         info["pick_curve"].append(picked)
         if checkpoint:
-            checkpoint.save(step, optimizer, best, info)
-    step.load_state_dict(best)
+            checkpoint.save(step, optimizer, average, best, info)
     curve = info["pick_curve"]
-    return {"pick_curve": curve, "best_epoch": curve.index(max(curve)) + 1, "pick_accuracy": max(curve)}
+    result = {"pick_curve": curve, "best_epoch": curve.index(max(curve)) + 1, "pick_accuracy": max(curve)}
+    if average_last:
+        # the averaged weights' batch-norm statistics belong to none of the epochs: one pass over the fit maps
+        update_bn((mid[s : s + BATCH].float() for s in range(0, len(mid), BATCH)), average)
+        result |= {"averaged_epochs": list(range(epochs - average_last + 1, epochs + 1)),
+                   "averaged_pick_accuracy": accuracy(average.module, *pick)}
+        logger.info("epochs %d-%d averaged: first word right on %.3f of the pick set", epochs - average_last + 1,
+                    epochs, result["averaged_pick_accuracy"])
+        if result["averaged_pick_accuracy"] >= result["pick_accuracy"]:
+            step.load_state_dict(average.module.state_dict())
+            result["kept"] = "average"
+            return result
+    step.load_state_dict(best)
+    result["kept"] = "best epoch"
+    return result
+
+
+def recipe_views(captioner: Captioner, catalog, ids: list[int], train_ids: list[int], run: Run,
+                 cache_dir: Path) -> dict[str, dict]:
+    """The maps of the jittered crops and larger photos (and their mirror images) the run's training cached."""
+    recipe = run.info().get("args", {})
+    data_args = SimpleNamespace(**{**recipe, "cache_dir": str(cache_dir)})
+    views: dict[str, dict] = {}
+    if recipe.get("larger_images_dir"):
+        larger = larger_photo_maps(captioner.model, catalog, ids, train_ids, captioner.spec, data_args)
+        views["larger"] = {"ids": larger["ids"], "mid": larger["maps"][0]}
+        if larger["mirrored"] is not None:
+            views["larger mirrored"] = {"ids": larger["ids"], "mid": larger["mirrored"][0]}
+    if recipe.get("jitter_views"):
+        jittered = jittered_maps(captioner.model, catalog, ids, train_ids, captioner.spec, data_args)
+        views |= {f"jitter {seed}": {"ids": jittered["ids"], "mid": mid}
+                  for seed, (mid, _) in enumerate(jittered["views"])}
+    return views
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -143,14 +226,24 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--run", type=Path, required=True, help="a run folder with a MobileNetV2 captioner")
     parser.add_argument("--data_dir", type=Path, default=None, help="default: the data the run was trained on")
     parser.add_argument("--cache_dir", type=Path, default=Path(".cache"))
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=13)
+    parser.add_argument("--average_last", type=int, default=3,
+                        help="average the weights of the last N epochs, kept if better on the pick set (0: the best "
+                             "epoch)")
     parser.add_argument("--mirrored", action=argparse.BooleanOptionalAction, default=True,
-                        help="flip augmentation from the cached maps of the mirrored photos (extracted once, ~2 min, "
-                             "and read either way to score the pick set as captioning reads photos)")
+                        help="the mirror images' cached maps among the views shown (extracted once, ~2 min, and "
+                             "read either way to score the pick set as captioning reads photos)")
+    parser.add_argument("--recipe_views", action=argparse.BooleanOptionalAction, default=False,
+                        help="also the jittered crops and larger photos the run's training cached, if it used any")
+    parser.add_argument("--cosine", action=argparse.BooleanOptionalAction, default=False,
+                        help="decay the learning rate to zero over the epochs (else constant)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.epochs < 1:
         raise RunError(f"--epochs must be at least 1, not {args.epochs}")
+    if args.average_last < 0:
+        raise RunError(f"--average_last must be 0 or more, not {args.average_last}")
+    args.average_last = min(args.average_last, args.epochs)  # --epochs 2: the average of both
     run = Run(args.run)
     captioner = Captioner.load(run.path)
     if not captioner.has_backbone or captioner.spec is None:
@@ -180,24 +273,29 @@ def main(argv: list[str] | None = None) -> Path:
     mirror, _ = cached_backbone_maps(captioner.model, catalog, ids, captioner.spec, args.cache_dir, mirrored=True)
     if not torch.equal(mirror["ids"], maps["ids"]):
         raise DataError(f"the mirrored map cache holds other products than the plain one; clear {args.cache_dir}")
-    flipped = part(fit_ids, mirror)[0] if args.mirrored else None
+    shown = {"mirrored": mirror} if args.mirrored else {}
+    if args.recipe_views:
+        shown |= recipe_views(captioner, catalog, maps["ids"].tolist(), train_ids, run, args.cache_dir)
+    views = Views.of(shown, fit_ids)
+    del shown
     pick = part(sorted(picked), maps)
     logger.info("%s: %d products fit, %d pick the epoch; %d first words", run.name, len(fit_ids), len(picked),
                 len(vocabulary))
     torch.manual_seed(args.seed)  # the new linear layer's draw
     step = BrandStep.from_imagenet([forms[w] for w in vocabulary])
-    result = train(step, part(fit_ids, maps), pick, args.epochs, flipped,
-                   Checkpoint(run.path / "checkpoints" / "brand_step"), args.seed)
+    result = train(step, part(fit_ids, maps), pick, args.epochs, views if views.names else None,
+                   Checkpoint(run.path / "checkpoints" / "brand_step"), args.seed, args.cosine, args.average_last)
     result["pick_accuracy_with_mirror"] = accuracy(step, *pick, mirrored=part(sorted(picked), mirror)[0])
     path = step.save(run.model_dir)
-    write_json_atomic(run.path / SUMMARY, {**result, "epochs": args.epochs, "mirrored": args.mirrored,
+    write_json_atomic(run.path / SUMMARY, {**result, "epochs": args.epochs, "average_last": args.average_last,
+                                           "views": views.names, "cosine": args.cosine,
                                            "words": len(vocabulary), "fit_products": len(fit_ids),
                                            "pick_products": len(picked),
                                            "minutes": round((time.monotonic() - started) / 60, 1)})
     for leftover in (run.path / "checkpoints" / "brand_step").glob("state.*"):
         leftover.unlink()
-    logger.info("saved %s (epoch %d: %.3f of the pick set's first words right, %.3f with the mirror images)", path,
-                result["best_epoch"], result["pick_accuracy"], result["pick_accuracy_with_mirror"])
+    logger.info("saved %s (%s: %.3f of the pick set's first words right with the mirror images)", path,
+                result["kept"], result["pick_accuracy_with_mirror"])
     return path
 
 
