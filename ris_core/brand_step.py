@@ -48,8 +48,6 @@ class BrandStep(nn.Module):
     """The backbone's blocks after the stride-16 map and its 1x1 convolution to 1280 channels (1.7M parameters),
     then a linear layer over `words`, each a first word as training names write it."""
 
-    lr = 3e-4  # tuned from pretrained weights: a third of a fresh head's rate
-
     def __init__(self, words: list[str]) -> None:
         super().__init__()
         if not words:

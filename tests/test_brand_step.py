@@ -22,7 +22,7 @@ from ris_core.errors import CheckpointError, RunError
 from ris_core.evaluation.pipeline import model_digest
 from ris_core.modeling import ModelSpec, build_captioner, token_cross_entropy
 from ris_core.runs import Run
-from training.train_brand_step import Checkpoint, Views, main, pick_by_name, train
+from training.train_brand_step import LR, Checkpoint, Views, main, pick_by_name, train
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,8 @@ def test_the_caption_begins_with_the_word_the_step_and_the_decoder_agree_on(capt
         captioner.brand_step, captioner.draft = None, None
 
 
-def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_path: Path):
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_path: Path, mixup: float):
     torch.manual_seed(1)
     words = ["Nike", "Puma"]
     mid, labels = torch.randn(40, 96, 4, 4), torch.randint(0, 2, (40,))
@@ -168,13 +169,13 @@ def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_
 
     whole = fresh()
     result = train(whole, fit, pick, epochs=3, views=views, checkpoint=Checkpoint(tmp_path / "whole"),
-                   average_last=2)
+                   average_last=2, mixup=mixup)
     checkpoint = Checkpoint(tmp_path / "checkpoints")
     with pytest.raises(KeyboardInterrupt):
         train(fresh(), fit, pick, epochs=3, views=views, checkpoint=KilledAfter(checkpoint.tensors.parent),
-              average_last=2)
+              average_last=2, mixup=mixup)
     resumed = fresh()
-    again = train(resumed, fit, pick, epochs=3, views=views, checkpoint=checkpoint, average_last=2)
+    again = train(resumed, fit, pick, epochs=3, views=views, checkpoint=checkpoint, average_last=2, mixup=mixup)
     assert again == result and len(result["pick_curve"]) == 3
     for name, tensor in whole.state_dict().items():  # the kept weights (the best epoch's or the average)
         assert torch.allclose(resumed.state_dict()[name].float(), tensor.float(), atol=1e-6), name
@@ -182,13 +183,14 @@ def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_
     last_whole, last_resumed = load_file(tmp_path / "whole" / "state.safetensors"), load_file(checkpoint.tensors)
     assert last_whole.keys() == last_resumed.keys()
     assert all(torch.allclose(last_whole[k].float(), last_resumed[k].float(), atol=1e-6) for k in last_whole)
-    # a checkpoint of other words, seed, views or schedule is not resumed from
+    # a checkpoint of other words, seed, views, schedule, rate or mixup is not resumed from
     other = BrandStep(["Adidas", "Puma"])
     optimizer = torch.optim.AdamW(other.parameters())
-    same = {"words": words, "seed": 0, "views": views.names, "cosine": False, "epochs": 3, "average_last": 2}
+    same = {"words": words, "seed": 0, "views": views.names, "cosine": False, "epochs": 3, "average_last": 2,
+            "lr": LR, "mixup": mixup}
     assert checkpoint.load(fresh(), optimizer, AveragedModel(fresh()), same) is not None
     for changed in ({"words": other.words}, {"seed": 1}, {"views": ["mirrored"]}, {"cosine": True}, {"epochs": 4},
-                    {"average_last": 3}):
+                    {"average_last": 3}, {"lr": LR / 2}, {"mixup": mixup + 0.1}):
         step = other if "words" in changed else fresh()
         assert checkpoint.load(step, optimizer, AveragedModel(step), same | changed) is None
 
@@ -214,6 +216,29 @@ def test_the_last_epochs_weights_are_averaged_and_kept_when_better_on_the_pick_s
     update_bn([mid[:40]], again)
     norms = [(m, n) for m, n in zip(step.modules(), again.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(torch.allclose(m.running_var, n.running_var, atol=1e-5) for m, n in norms)
+
+
+def test_mixup_shows_the_step_each_batch_mixed_with_itself_reordered(tmp_path: Path):
+    maps = torch.arange(64, dtype=torch.float).repeat_interleave(96 * 16).view(64, 96, 4, 4)  # each map: its row
+    seen: list[torch.Tensor] = []
+
+    class Recording(BrandStep):
+        def forward(self, mid, final=None):
+            if self.training and torch.is_grad_enabled():
+                seen.append(mid[:, 0, 0, 0].detach().clone())
+            return super().forward(mid, final)
+
+    torch.manual_seed(0)
+    step = Recording(["Nike", "Puma"])
+    train(step, (maps[:48], torch.arange(48) % 2), (maps[48:], torch.arange(16) % 2), epochs=1, mixup=0.4)
+    order = torch.cat(seen)
+    assert len(order) == 48 and not torch.equal(order, order.round())  # rows mixed, not shown as they are
+    # each batch mixed with a reordering of itself: its mean (of row numbers) is that of the rows drawn
+    means = [batch.mean() for batch in seen]
+    torch.manual_seed(0)
+    drawn = torch.randperm(48)
+    rows = [drawn[s : s + 256].float() for s in range(0, 48, 256)]
+    assert all(torch.isclose(m, r.mean()) for m, r in zip(means, rows, strict=True))
 
 
 def test_views_are_drawn_only_where_a_product_has_them_and_as_often_as_its_photo():
@@ -261,5 +286,9 @@ def test_training_a_step_where_there_is_nothing_to_train_says_why(tmp_path: Path
         main(["--run", str(tmp_path), "--epochs", "0"])
     with pytest.raises(RunError, match="--average_last must be 0 or more"):
         main(["--run", str(tmp_path), "--average_last", "-1"])
+    with pytest.raises(RunError, match="--mixup must be 0"):
+        main(["--run", str(tmp_path), "--mixup", "-0.5"])
+    with pytest.raises(RunError, match="--lr must be above 0"):
+        main(["--run", str(tmp_path), "--lr", "0"])
     with pytest.raises(CheckpointError, match="no model/ folder"):
         main(["--run", str(tmp_path / "no-such-run")])

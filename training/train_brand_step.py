@@ -1,13 +1,14 @@
 """Train a run's brand step (ris_core/brand_step.py) into its model folder; the same command resumes after a kill.
 
-    python -m training.train_brand_step --run results/runs/grouped-cpu-brand-step   # ~15 min on 2 cores
+    python -m training.train_brand_step --run results/runs/grouped-cpu-brand-step   # 15-18 min on 2 cores
 
 The step learns the first word of the run's training products' names from the backbone maps the captioner was
 trained on (the training's map cache: no photo is decoded again), tuning MobileNetV2's last stage from its ImageNet
 weights at a constant rate, the mirror images' maps shown half of the time. A tenth of the training products, held
 out by name as the split by name holds products out, picks between the best epoch and the average of the last
-three epochs' weights (results/cpu-preset.md: the average names more first words, a cosine schedule or the
-recipe's jittered and larger photos fewer); the run's held-out products are never seen. Writes
+three epochs' weights (results/cpu-preset.md: the average names more first words, and more at a rate of 1e-3 than
+of 3e-4; a cosine schedule, the recipe's jittered and larger photos or more epochs fewer); the run's held-out
+products are never seen. Writes
 model/brand_step.safetensors (the captioner's digest changes with it: an evaluation captions again) and
 brand_step.json (the pick curve); checkpoints/brand_step/ holds the state after each epoch until the step is saved.
 """
@@ -44,6 +45,9 @@ from training.train import jittered_maps, larger_photo_maps
 logger = logging.getLogger("training.train_brand_step")
 BATCH = 256
 SUMMARY = "brand_step.json"  # in the run folder
+# AdamW's constant rate: on grouped-cpu's pick set 1e-3 names more first words than 3e-4 once the last epochs'
+# weights are averaged (results/cpu-preset.md, "The brand step's rate, length and depth")
+LR = 1e-3
 
 
 def pick_by_name(train_ids: list[int], names: list[str], seed: int = 0) -> set[int]:
@@ -86,13 +90,13 @@ class Checkpoint:
     def load(self, step: nn.Module, optimizer: torch.optim.Optimizer, average: AveragedModel,
              setup: dict) -> tuple[dict, dict] | None:
         """(best state, info) after restoring the step, the optimizer and the weight average, or None to start over
-        (also when the checkpoint was written for another `setup`: words, seed, views, schedule)."""
+        (also when the checkpoint was written for another `setup`: words, seed, views, schedule, rate, mixup)."""
         if not (self.info.is_file() and self.tensors.is_file()):
             return None
         try:
             info = json.loads(self.info.read_text())
             if {k: info.get(k) for k in setup} != setup:
-                logger.warning("checkpoint of another setup (words, seed, views or schedule): starting over")
+                logger.warning("checkpoint of another setup (words, seed, views, schedule, rate, mixup): starting over")
                 return None
             tensors = load_file(self.tensors)
             step.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("step.")}, strict=True)
@@ -139,20 +143,23 @@ class Views:
 
 
 def train(step: BrandStep, fit: tuple, pick: tuple, epochs: int, views: Views | None = None,
-          checkpoint: Checkpoint | None = None, seed: int = 0, cosine: bool = False, average_last: int = 0) -> dict:
+          checkpoint: Checkpoint | None = None, seed: int = 0, cosine: bool = False, average_last: int = 0,
+          lr: float = LR, mixup: float = 0.0) -> dict:
     """Fit `step` on fit = (mid maps, labels) and leave it at the better on `pick` of its best epoch and the
     average of its last `average_last` epochs' weights (batch-norm statistics recomputed on the fit maps).
-    `views`: other maps of the fit products' photos drawn in place of theirs; `cosine`: the rate decays to zero."""
-    optimizer = torch.optim.AdamW(step.parameters(), lr=step.lr, weight_decay=0.05)
+    `views`: other maps of the fit products' photos drawn in place of theirs; `cosine`: the rate decays to zero;
+    `mixup` > 0: each batch's maps mixed with the same batch reordered, at a weight drawn from Beta(mixup, mixup),
+    and the loss mixed alike."""
+    optimizer = torch.optim.AdamW(step.parameters(), lr=lr, weight_decay=0.05)
     average = AveragedModel(step)
     mid, labels = fit
     steps_per_epoch = -(-len(labels) // BATCH)
 
     def rate(t: int) -> float:  # set per batch from the batch's index alone, so a resumed run needs no state for it
-        return step.lr * (0.5 * (1 + math.cos(math.pi * t / (epochs * steps_per_epoch))) if cosine else 1.0)
+        return lr * (0.5 * (1 + math.cos(math.pi * t / (epochs * steps_per_epoch))) if cosine else 1.0)
 
     setup = {"words": step.words, "seed": seed, "views": views.names if views else [], "cosine": cosine,
-             "epochs": epochs, "average_last": average_last}
+             "epochs": epochs, "average_last": average_last, "lr": lr, "mixup": mixup}
     info = {**setup, "pick_curve": []}
     best: dict = {}
     restored = checkpoint.load(step, optimizer, average, setup) if checkpoint else None
@@ -171,8 +178,15 @@ def train(step: BrandStep, fit: tuple, pick: tuple, epochs: int, views: Views | 
             batch = mid[rows].float()
             if views is not None:
                 batch = views.draw(rows, batch)
+            targets = [(1.0, labels[rows])]
+            if mixup:
+                weight, other = float(torch.distributions.Beta(mixup, mixup).sample()), torch.randperm(len(rows))
+                batch = weight * batch + (1 - weight) * batch[other]
+                targets = [(weight, labels[rows]), (1 - weight, labels[rows][other])]
+            logits = step(batch)
             # -1 marks a word outside the vocabulary: only pick-set products can have one, but never crash on it
-            loss = nn.functional.cross_entropy(step(batch), labels[rows], label_smoothing=0.1, ignore_index=-1)
+            loss = sum(w * nn.functional.cross_entropy(logits, t, label_smoothing=0.1, ignore_index=-1)
+                       for w, t in targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -237,10 +251,17 @@ def main(argv: list[str] | None = None) -> Path:
                         help="also the jittered crops and larger photos the run's training cached, if it used any")
     parser.add_argument("--cosine", action=argparse.BooleanOptionalAction, default=False,
                         help="decay the learning rate to zero over the epochs (else constant)")
+    parser.add_argument("--lr", type=float, default=LR, help="AdamW's learning rate, constant unless --cosine")
+    parser.add_argument("--mixup", type=float, default=0.0,
+                        help="mix each batch's maps and labels with the batch reordered, at Beta(a, a) (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.epochs < 1:
         raise RunError(f"--epochs must be at least 1, not {args.epochs}")
+    if args.mixup < 0:
+        raise RunError(f"--mixup must be 0 (off) or more, not {args.mixup}")
+    if not args.lr > 0:
+        raise RunError(f"--lr must be above 0, not {args.lr}")
     if args.average_last < 0:
         raise RunError(f"--average_last must be 0 or more, not {args.average_last}")
     args.average_last = min(args.average_last, args.epochs)  # --epochs 2: the average of both
@@ -284,11 +305,13 @@ def main(argv: list[str] | None = None) -> Path:
     torch.manual_seed(args.seed)  # the new linear layer's draw
     step = BrandStep.from_imagenet([forms[w] for w in vocabulary])
     result = train(step, part(fit_ids, maps), pick, args.epochs, views if views.names else None,
-                   Checkpoint(run.path / "checkpoints" / "brand_step"), args.seed, args.cosine, args.average_last)
+                   Checkpoint(run.path / "checkpoints" / "brand_step"), args.seed, args.cosine, args.average_last,
+                   args.lr, args.mixup)
     result["pick_accuracy_with_mirror"] = accuracy(step, *pick, mirrored=part(sorted(picked), mirror)[0])
     path = step.save(run.model_dir)
     write_json_atomic(run.path / SUMMARY, {**result, "epochs": args.epochs, "average_last": args.average_last,
-                                           "views": views.names, "cosine": args.cosine,
+                                           "views": views.names, "cosine": args.cosine, "lr": args.lr,
+                                           "mixup": args.mixup,
                                            "words": len(vocabulary), "fit_products": len(fit_ids),
                                            "pick_products": len(picked),
                                            "minutes": round((time.monotonic() - started) / 60, 1)})
