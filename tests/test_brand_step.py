@@ -146,13 +146,14 @@ def test_the_caption_begins_with_the_word_the_step_and_the_decoder_agree_on(capt
         captioner.brand_step, captioner.draft = None, None
 
 
-@pytest.mark.parametrize("mixup", [0.0, 0.4])
-def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_path: Path, mixup: float):
+@pytest.mark.parametrize(("mixup", "pick_set"), [(0.0, True), (0.4, True), (0.0, False)])
+def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_path: Path, mixup: float,
+                                                                            pick_set: bool):
     torch.manual_seed(1)
     words = ["Nike", "Puma"]
     mid, labels = torch.randn(40, 96, 4, 4), torch.randint(0, 2, (40,))
     mid[labels == 1] += 0.5  # a learnable difference
-    fit, pick = (mid[:32], labels[:32]), (mid[32:], labels[32:])
+    fit, pick = (mid[:32], labels[:32]), (mid[32:], labels[32:]) if pick_set else None
     has_larger = torch.arange(32) % 2 == 0  # a view only some products have
     views = Views(["mirrored", "larger"], [mid[:32].flip(-1), mid[:32] * 1.1],
                   torch.stack([torch.ones(32, dtype=torch.bool), has_larger]))
@@ -176,7 +177,7 @@ def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_
               average_last=2, mixup=mixup)
     resumed = fresh()
     again = train(resumed, fit, pick, epochs=3, views=views, checkpoint=checkpoint, average_last=2, mixup=mixup)
-    assert again == result and len(result["pick_curve"]) == 3
+    assert again == result and len(result["pick_curve"]) == (3 if pick_set else 0)
     for name, tensor in whole.state_dict().items():  # the kept weights (the best epoch's or the average)
         assert torch.allclose(resumed.state_dict()[name].float(), tensor.float(), atol=1e-6), name
     # and the third epoch's, whichever was best: the optimizer's moments were restored with the weights
@@ -187,10 +188,10 @@ def test_training_resumed_after_a_kill_ends_where_an_uninterrupted_run_does(tmp_
     other = BrandStep(["Adidas", "Puma"])
     optimizer = torch.optim.AdamW(other.parameters())
     same = {"words": words, "seed": 0, "views": views.names, "cosine": False, "epochs": 3, "average_last": 2,
-            "lr": LR, "mixup": mixup}
+            "lr": LR, "mixup": mixup, "pick_set": pick_set}
     assert checkpoint.load(fresh(), optimizer, AveragedModel(fresh()), same) is not None
     for changed in ({"words": other.words}, {"seed": 1}, {"views": ["mirrored"]}, {"cosine": True}, {"epochs": 4},
-                    {"average_last": 3}, {"lr": LR / 2}, {"mixup": mixup + 0.1}):
+                    {"average_last": 3}, {"lr": LR / 2}, {"mixup": mixup + 0.1}, {"pick_set": not pick_set}):
         step = other if "words" in changed else fresh()
         assert checkpoint.load(step, optimizer, AveragedModel(step), same | changed) is None
 
@@ -218,7 +219,25 @@ def test_the_last_epochs_weights_are_averaged_and_kept_when_better_on_the_pick_s
     assert norms and all(torch.allclose(m.running_var, n.running_var, atol=1e-5) for m, n in norms)
 
 
-def test_mixup_shows_the_step_each_batch_mixed_with_itself_reordered(tmp_path: Path):
+def test_without_a_pick_set_the_last_epochs_average_is_kept():
+    torch.manual_seed(1)
+    mid, labels = torch.randn(48, 96, 4, 4), torch.randint(0, 3, (48,))
+    weights = []
+
+    class Recording(Checkpoint):
+        def save(self, step, *args) -> None:
+            weights.append(step.out[1].weight.detach().clone())
+
+    step = BrandStep(["Nike", "Puma", "Adidas"])
+    result = train(step, (mid, labels), None, epochs=4, checkpoint=Recording(Path("unused")), average_last=2)
+    assert result == {"pick_curve": [], "averaged_epochs": [3, 4], "kept": "average"}
+    assert torch.allclose(step.out[1].weight, torch.stack(weights[2:]).mean(0), atol=1e-6)
+    last = BrandStep(["Nike", "Puma", "Adidas"])
+    assert train(last, (mid, labels), None, epochs=2, checkpoint=Recording(Path("unused")))["kept"] == "last epoch"
+    assert torch.equal(last.out[1].weight, weights[-1])
+
+
+def test_mixup_shows_the_step_each_batch_mixed_with_itself_reordered():
     maps = torch.arange(64, dtype=torch.float).repeat_interleave(96 * 16).view(64, 96, 4, 4)  # each map: its row
     seen: list[torch.Tensor] = []
 
@@ -279,6 +298,12 @@ def test_a_trained_step_goes_into_the_run_and_its_captions_begin_with_its_words(
     words = captioner.brand_step.words
     assert len(words) == summary["words"]
     assert all(any(caption.startswith(w) for w in words) for caption in captioner.caption(photos(4)))
+    # --fit_all: every training product fit, none held out to pick with
+    main(["--run", str(run_dir), "--epochs", "2", "--cache_dir", str(tmp_path / "cache"), "--fit_all"])
+    everything = json.loads((run_dir / "brand_step.json").read_text())
+    assert everything["fit_all"] and everything["pick_products"] == 0 and everything["kept"] == "average"
+    assert everything["fit_products"] == summary["fit_products"] + summary["pick_products"]
+    assert "pick_accuracy_with_mirror" not in everything and Captioner.load(run_dir).brand_step is not None
 
 
 def test_training_a_step_where_there_is_nothing_to_train_says_why(tmp_path: Path):

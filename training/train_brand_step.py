@@ -7,8 +7,8 @@ trained on (the training's map cache: no photo is decoded again), tuning MobileN
 weights at a constant rate, the mirror images' maps shown half of the time. A tenth of the training products, held
 out by name as the split by name holds products out, picks between the best epoch and the average of the last
 three epochs' weights (results/cpu-preset.md: the average names more first words, and more at a rate of 1e-3 than
-of 3e-4; a cosine schedule, the recipe's jittered and larger photos or more epochs fewer); the run's held-out
-products are never seen. Writes
+of 3e-4; a cosine schedule, the recipe's jittered and larger photos or more epochs fewer); `--fit_all` folds the
+pick set into the fit once the recipe is fixed. The run's held-out products are never seen. Writes
 model/brand_step.safetensors (the captioner's digest changes with it: an evaluation captions again) and
 brand_step.json (the pick curve); checkpoints/brand_step/ holds the state after each epoch until the step is saved.
 """
@@ -90,13 +90,15 @@ class Checkpoint:
     def load(self, step: nn.Module, optimizer: torch.optim.Optimizer, average: AveragedModel,
              setup: dict) -> tuple[dict, dict] | None:
         """(best state, info) after restoring the step, the optimizer and the weight average, or None to start over
-        (also when the checkpoint was written for another `setup`: words, seed, views, schedule, rate, mixup)."""
+        (also when the checkpoint was written for another `setup`: words, seed, views, schedule, rate, mixup, pick
+        set)."""
         if not (self.info.is_file() and self.tensors.is_file()):
             return None
         try:
             info = json.loads(self.info.read_text())
             if {k: info.get(k) for k in setup} != setup:
-                logger.warning("checkpoint of another setup (words, seed, views, schedule, rate, mixup): starting over")
+                logger.warning("checkpoint of another setup (words, seed, views, schedule, rate, mixup, pick set): "
+                               "starting over")
                 return None
             tensors = load_file(self.tensors)
             step.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("step.")}, strict=True)
@@ -142,11 +144,12 @@ class Views:
         return batch
 
 
-def train(step: BrandStep, fit: tuple, pick: tuple, epochs: int, views: Views | None = None,
+def train(step: BrandStep, fit: tuple, pick: tuple | None, epochs: int, views: Views | None = None,
           checkpoint: Checkpoint | None = None, seed: int = 0, cosine: bool = False, average_last: int = 0,
           lr: float = LR, mixup: float = 0.0) -> dict:
     """Fit `step` on fit = (mid maps, labels) and leave it at the better on `pick` of its best epoch and the
-    average of its last `average_last` epochs' weights (batch-norm statistics recomputed on the fit maps).
+    average of its last `average_last` epochs' weights (batch-norm statistics recomputed on the fit maps); without
+    a pick set (None) at the average, or at the last epoch if `average_last` is 0.
     `views`: other maps of the fit products' photos drawn in place of theirs; `cosine`: the rate decays to zero;
     `mixup` > 0: each batch's maps mixed with the same batch reordered, at a weight drawn from Beta(mixup, mixup),
     and the loss mixed alike."""
@@ -159,7 +162,7 @@ def train(step: BrandStep, fit: tuple, pick: tuple, epochs: int, views: Views | 
         return lr * (0.5 * (1 + math.cos(math.pi * t / (epochs * steps_per_epoch))) if cosine else 1.0)
 
     setup = {"words": step.words, "seed": seed, "views": views.names if views else [], "cosine": cosine,
-             "epochs": epochs, "average_last": average_last, "lr": lr, "mixup": mixup}
+             "epochs": epochs, "average_last": average_last, "lr": lr, "mixup": mixup, "pick_set": pick is not None}
     info = {**setup, "pick_curve": []}
     best: dict = {}
     restored = checkpoint.load(step, optimizer, average, setup) if checkpoint else None
@@ -190,20 +193,28 @@ def train(step: BrandStep, fit: tuple, pick: tuple, epochs: int, views: Views | 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        picked = accuracy(step, *pick)
-        logger.info("epoch %d: first word right on %.3f of the pick set", epoch + 1, picked)
-        if picked > max(info["pick_curve"], default=-1.0):  # the first of equally good epochs, as best_epoch says
-            best = {k: v.detach().clone() for k, v in step.state_dict().items()}
+        picked = None if pick is None else accuracy(step, *pick)  # None: an epoch done, nothing to score it on
+        if picked is not None:
+            logger.info("epoch %d: first word right on %.3f of the pick set", epoch + 1, picked)
+            if picked > max(info["pick_curve"], default=-1.0):  # the first of equally good epochs, as best_epoch says
+                best = {k: v.detach().clone() for k, v in step.state_dict().items()}
         if epoch >= epochs - average_last:
             average.update_parameters(step)
         info["pick_curve"].append(picked)
         if checkpoint:
             checkpoint.save(step, optimizer, average, best, info)
-    curve = info["pick_curve"]
-    result = {"pick_curve": curve, "best_epoch": curve.index(max(curve)) + 1, "pick_accuracy": max(curve)}
     if average_last:
         # the averaged weights' batch-norm statistics belong to none of the epochs: one pass over the fit maps
         update_bn((mid[s : s + BATCH].float() for s in range(0, len(mid), BATCH)), average)
+    if pick is None:
+        if not average_last:
+            return {"pick_curve": [], "kept": "last epoch"}
+        step.load_state_dict(average.module.state_dict())
+        return {"pick_curve": [], "averaged_epochs": list(range(epochs - average_last + 1, epochs + 1)),
+                "kept": "average"}
+    curve = info["pick_curve"]
+    result = {"pick_curve": curve, "best_epoch": curve.index(max(curve)) + 1, "pick_accuracy": max(curve)}
+    if average_last:
         result |= {"averaged_epochs": list(range(epochs - average_last + 1, epochs + 1)),
                    "averaged_pick_accuracy": accuracy(average.module, *pick)}
         logger.info("epochs %d-%d averaged: first word right on %.3f of the pick set", epochs - average_last + 1,
@@ -254,6 +265,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--lr", type=float, default=LR, help="AdamW's learning rate, constant unless --cosine")
     parser.add_argument("--mixup", type=float, default=0.0,
                         help="mix each batch's maps and labels with the batch reordered, at Beta(a, a) (0: off)")
+    parser.add_argument("--fit_all", action=argparse.BooleanOptionalAction, default=False,
+                        help="once the recipe is fixed, fit on every training product, the pick set's too: keeps the "
+                             "average of the last epochs (or the last epoch) with no pick figures")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.epochs < 1:
@@ -279,7 +293,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not train_ids:
         raise DataError(f"none of {run.name}'s training products is in {catalog.image_dir.parent}")
     names = products.loc[train_ids, "productDisplayName"].astype(str).tolist()
-    picked = pick_by_name(train_ids, names, seed=args.seed)
+    picked = set() if args.fit_all else pick_by_name(train_ids, names, seed=args.seed)
     fit_ids = [i for i in train_ids if i not in picked]
     forms = written_forms(products.loc[fit_ids, "productDisplayName"].astype(str).tolist())
     vocabulary = sorted(forms)
@@ -299,7 +313,7 @@ def main(argv: list[str] | None = None) -> Path:
         shown |= recipe_views(captioner, catalog, maps["ids"].tolist(), train_ids, run, args.cache_dir)
     views = Views.of(shown, fit_ids)
     del shown
-    pick = part(sorted(picked), maps)
+    pick = part(sorted(picked), maps) if picked else None
     logger.info("%s: %d products fit, %d pick the epoch; %d first words", run.name, len(fit_ids), len(picked),
                 len(vocabulary))
     torch.manual_seed(args.seed)  # the new linear layer's draw
@@ -307,18 +321,22 @@ def main(argv: list[str] | None = None) -> Path:
     result = train(step, part(fit_ids, maps), pick, args.epochs, views if views.names else None,
                    Checkpoint(run.path / "checkpoints" / "brand_step"), args.seed, args.cosine, args.average_last,
                    args.lr, args.mixup)
-    result["pick_accuracy_with_mirror"] = accuracy(step, *pick, mirrored=part(sorted(picked), mirror)[0])
+    if pick is not None:
+        result["pick_accuracy_with_mirror"] = accuracy(step, *pick, mirrored=part(sorted(picked), mirror)[0])
     path = step.save(run.model_dir)
     write_json_atomic(run.path / SUMMARY, {**result, "epochs": args.epochs, "average_last": args.average_last,
                                            "views": views.names, "cosine": args.cosine, "lr": args.lr,
-                                           "mixup": args.mixup,
+                                           "mixup": args.mixup, "fit_all": args.fit_all,
                                            "words": len(vocabulary), "fit_products": len(fit_ids),
                                            "pick_products": len(picked),
                                            "minutes": round((time.monotonic() - started) / 60, 1)})
     for leftover in (run.path / "checkpoints" / "brand_step").glob("state.*"):
         leftover.unlink()
-    logger.info("saved %s (%s: %.3f of the pick set's first words right with the mirror images)", path,
-                result["kept"], result["pick_accuracy_with_mirror"])
+    if pick is None:
+        logger.info("saved %s (%s; no pick set: every training product fit)", path, result["kept"])
+    else:
+        logger.info("saved %s (%s: %.3f of the pick set's first words right with the mirror images)", path,
+                    result["kept"], result["pick_accuracy_with_mirror"])
     return path
 
 
