@@ -75,7 +75,7 @@ def tiny_train_args(data_dir: Path, results_dir: Path, cache_dir: Path, name: st
         "--data_dir", str(data_dir), "--results_dir", str(results_dir), "--cache_dir", str(cache_dir),
         "--run_name", name, "--epochs", str(epochs), "--batch_size", "16", "--learning_rate", "2e-3",
         "--warmup_steps", "2", "--n_layer", "1", "--n_embd", "64", "--n_head", "2", "--eval_batch_size", "64",
-        "--val_fraction", "0.2", "--jitter_views", "0",
+        "--val_fraction", "0.2", "--jitter_views", "0", "--brand_step_epochs", "0",
     ]
 
 

@@ -150,6 +150,16 @@ def test_length_grouping_probe_times_both_orders_of_the_same_captions():
     assert out["speedup"] == round(out["length_grouped_samples_per_second"] / out["random_samples_per_second"], 2)
 
 
+def test_brand_step_layout_probe_times_both_layouts_on_the_same_training():
+    from bench.probe_brand_step_layout import measure
+
+    out = measure(rounds=1, batches=3)
+    assert out["timed_batches"] == 2 and out["contiguous_s_per_batch"] > 0 and out["channels_last_s_per_batch"] > 0
+    ratio = out["contiguous_s_per_batch"] / out["channels_last_s_per_batch"]
+    assert out["channels_last_speedup"] == pytest.approx(ratio, rel=1e-2)
+    assert out["last_loss_gap"] < 1e-3  # the same three updates, rounded differently
+
+
 def test_consensus_probe_scores_cider_like_pycocoevalcap_and_picks_by_weighted_agreement():
     import numpy as np
 

@@ -22,6 +22,8 @@ from ris_core.errors import CheckpointError, RunError
 from ris_core.evaluation.pipeline import model_digest
 from ris_core.modeling import ModelSpec, build_captioner, token_cross_entropy
 from ris_core.runs import Run
+from tests.conftest import tiny_train_args
+from training.train import main as train_main
 from training.train_brand_step import LR, Checkpoint, Views, main, pick_by_name, train
 
 
@@ -304,6 +306,26 @@ def test_a_trained_step_goes_into_the_run_and_its_captions_begin_with_its_words(
     assert everything["fit_all"] and everything["pick_products"] == 0 and everything["kept"] == "average"
     assert everything["fit_products"] == summary["fit_products"] + summary["pick_products"]
     assert "pick_accuracy_with_mirror" not in everything and Captioner.load(run_dir).brand_step is not None
+
+
+@pytest.mark.slow
+def test_the_training_command_fits_the_step_after_the_captioner_once(tiny_catalog: Path, tmp_path: Path):
+    args = tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", epochs=1)
+    run_dir = train_main(args)  # --brand_step_epochs 0: a captioner alone
+    step_file = run_dir / "model" / FILE
+    assert not step_file.exists() and not (run_dir / "brand_step.json").exists()
+    before = model_digest(Run(run_dir))
+    # the same finished run, asked for a step: the captioner is kept, the step fit on every training product
+    train_main([*args, "--brand_step_epochs", "2"])
+    summary = json.loads((run_dir / "brand_step.json").read_text())
+    train_ids = json.loads((run_dir / "split.json").read_text())["train_ids"]
+    assert summary["fit_all"] and summary["epochs"] == 2 and summary["fit_products"] == len(train_ids)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+    assert model_digest(Run(run_dir)) != before and Captioner.load(run_dir).brand_step is not None
+    # and again: a step of those epochs is there, nothing is fit twice
+    stamp = step_file.stat().st_mtime_ns
+    train_main([*args, "--brand_step_epochs", "2"])
+    assert step_file.stat().st_mtime_ns == stamp
 
 
 def test_training_a_step_where_there_is_nothing_to_train_says_why(tmp_path: Path):

@@ -4,7 +4,8 @@
     python -m training.train --preset paper --data_dir /data/fashion-product-images      # GPU + Hub
     accelerate launch -m training.train --preset paper ...                                 # many GPUs
 
-Writes results/runs/<run_name>/: run.json, split.json, history.csv, model/ (best epoch), checkpoints/.
+Writes results/runs/<run_name>/: run.json, split.json, history.csv, model/ (best epoch), checkpoints/; the cpu
+preset then fits a brand step (training/train_brand_step.py --fit_all) into model/ and writes brand_step.json.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, VisionEnco
 from transformers.modeling_outputs import Seq2SeqLMOutput
 from transformers.trainer_utils import get_last_checkpoint
 
+from ris_core.brand_step import FILE as BRAND_STEP_FILE
 from ris_core.data import DataError, Split, fingerprint, load_catalog, make_split, name_key, verbatim_overlap
 from ris_core.dataset_sources import SourceColumns
+from ris_core.errors import CheckpointError
 from ris_core.files import write_json_atomic
 from ris_core.modeling import (
     HubUnavailable,
@@ -52,7 +55,8 @@ from training.data import (
 
 logger = logging.getLogger("training.train")
 # fields that may differ between the command that started a run and the one that resumes it
-RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name", "report_to"}
+# the brand step is fit after the captioner and leaves it as it is: a finished run can be given one by rerunning
+RESUME_MAY_DIFFER = {"results_dir", "cache_dir", "eval_batch_size", "run_name", "report_to", "brand_step_epochs"}
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder, with --report_to tensorboard
 # arguments added after runs were already recorded, with the value those older runs implicitly used
 ADDED_SINCE = {"flip_p": 0.0, "split_by": "product", "larger_images_dir": None, "larger_images_p": 0.5,
@@ -415,11 +419,28 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.train(resume_from_checkpoint=last_checkpoint)
     if not trainer.is_world_process_zero():
         return run_dir
+
+    # 9. The brand step (the cpu preset's): the caption's first word named from the cached maps
+    if run_args.brand_step_epochs:
+        fit_brand_step(run_dir, data_args, run_args.brand_step_epochs)
     info.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_json_atomic(run_dir / "run.json", info)
     logger.info("done: %s (best epoch %s, val perplexity %.3f)", run_dir, info.get("best_epoch"),
                 info.get("best_val_perplexity", float("nan")))
     return run_dir
+
+
+def fit_brand_step(run_dir: Path, data_args, epochs: int) -> None:
+    """Fit the run's brand step on every training product, unless a finished one of `epochs` is there already."""
+    from training import train_brand_step  # imported here: it imports this module's map helpers
+
+    summary = run_dir / train_brand_step.SUMMARY
+    done = json.loads(summary.read_text()) if summary.is_file() else {}
+    if (run_dir / "model" / BRAND_STEP_FILE).is_file() and done.get("fit_all") and done.get("epochs") == epochs:
+        logger.info("brand step: %s has one fit on every training product for %d epochs already", run_dir, epochs)
+        return
+    train_brand_step.main(["--run", str(run_dir), "--data_dir", str(data_args.data_dir), "--cache_dir",
+                           str(data_args.cache_dir), "--fit_all", "--epochs", str(epochs)])
 
 
 def larger_photo_maps(model, catalog, ids: list[int], train_ids: list[int], spec, data_args) -> dict:
@@ -470,7 +491,7 @@ def cli() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         main(sys.argv[1:])
-    except (DataError, RunError, HubUnavailable) as err:
+    except (DataError, RunError, HubUnavailable, CheckpointError) as err:
         sys.exit(f"error: {err}")
 
 
