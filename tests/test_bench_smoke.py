@@ -104,6 +104,25 @@ def test_resolution_probe_compares_the_same_held_out_products_at_two_sizes(tiny_
         probe(tiny_run, tiny_catalog, tmp_path / "elsewhere")
 
 
+def test_resolution_gap_is_the_corpus_bleu_difference_with_an_interval_from_resampled_products():
+    from bench.probe_resolution import size_gap
+    from ris_core.metrics import corpus_bleu_4
+
+    references = ["Nike Men Blue T-shirt", "Puma Women Black Shoes", "Adidas Men White Socks",
+                  "Fila Women Red Bag"] * 25
+    small = ["Nike Men Blue Shirt", "Puma Women Black Heels", "Adidas Men Grey Socks", "Fila Men Red Bag"] * 25
+    better = references[:50] + small[50:]  # half the products captioned exactly at the larger size
+    gap = size_gap(small, better, references)
+    assert gap["bleu_4"]["gap"] == pytest.approx(corpus_bleu_4(better, references) - corpus_bleu_4(small, references))
+    assert 0 < gap["bleu_4"]["low"] < gap["bleu_4"]["gap"] < gap["bleu_4"]["high"]
+    assert gap["last_two_match"]["gap"] == pytest.approx(38.0)  # 38 of 100 last-two pairs fixed, in points
+    assert 0 < gap["last_two_match"]["low"] < 38.0 < gap["last_two_match"]["high"]
+    same = size_gap(small, small, references)
+    assert all(value == 0 for g in same.values() for value in g.values())
+    mixed = references[:2] + ["Roadster Kids Green Cap"] * 2 + small[4:]  # two captions fixed, two broken
+    assert all(g["low"] < 0 < g["high"] for g in size_gap(small, mixed, references).values())  # no gap to claim
+
+
 def test_shrink_probe_leaves_out_the_demo_products_and_shrinks_each_way(tiny_run: Path, tiny_catalog: Path,
                                                                          tmp_path: Path):
     from PIL import Image

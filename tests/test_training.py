@@ -57,6 +57,23 @@ def test_tiny_run_learns_and_describes_itself(tiny_run: Path):
         assert (tiny_run / "model" / name).is_file(), name
 
 
+def test_started_is_when_the_command_began_so_map_extraction_counts(tiny_catalog: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    import training.train as train
+
+    real, extraction_began = train.cached_backbone_maps, []
+
+    def slow_extraction(*args, **kwargs):
+        extraction_began.append(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        time.sleep(1.1)  # a real run's extraction takes minutes; a timestamp after it would be a later second
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "cached_backbone_maps", slow_extraction)
+    run = main(tiny_train_args(tiny_catalog, tmp_path / "runs", tmp_path / "cache", epochs=1))
+    info = json.loads((run / "run.json").read_text())
+    assert info["started"] <= extraction_began[0] < info["finished"]
+
+
 def test_shortlist_loss_equals_the_exported_models_full_softmax(tiny_run: Path):
     """The 7x cheaper training loss is exact: the saved plain model gives the same number."""
     model, spec = load_model_dir(tiny_run / "model")

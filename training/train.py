@@ -272,6 +272,7 @@ def open_run_dir(run_dir: Path, resolved: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    launched = time.strftime("%Y-%m-%dT%H:%M:%S")  # run.json's `started`: decoding and map extraction count too
     # 1. Parse input arguments, resolve the preset
     model_args, data_args, run_args = parse_args(argv)
     if run_args.report_to not in ("none", "tensorboard"):
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> Path:
                                                              names.loc[split.val_ids].tolist())},
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "started": launched,
     }
     if resuming:
         previous = json.loads((run_dir / "run.json").read_text())
