@@ -5,9 +5,9 @@
 
 Each held-out product of the run that `--larger_dir` also holds is captioned (greedy) from the dataset's own
 60x80 image and from the larger photo (the demo's are 168x224 and similar), with the same model and code path
-as the search demo; prints BLEU-4, last-two and last-word match at both sizes, the share of identical captions, and
-the gap (larger minus 60x80) with a 95% paired bootstrap interval over products: whether a gap of a point or two
-belongs to the model or to which 400 products were drawn.
+as the search demo; prints BLEU-4, last-two, last-word and first-word match at both sizes, the share of identical
+captions, and the gap (larger minus 60x80) with a 95% paired bootstrap interval over products: whether a gap of a
+point or two belongs to the model or to which 400 products were drawn.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from sacrebleu.metrics import BLEU
 from tqdm.auto import tqdm
 
+from ris_core.brand_step import first_word
 from ris_core.data import Split, load_catalog
 from ris_core.encoder_decoder import Captioner
 from ris_core.images import open_image
@@ -30,7 +31,9 @@ def scores(captions: list[str], references: list[str]) -> dict[str, float]:
     n = len(references)
     return {"bleu_4": corpus_bleu(captions, references)["bleu_4"],
             "last_two_match": sum(map(last_words_match, captions, references)) / n,
-            "last_word_match": sum(last_words_match(c, r, 1) for c, r in zip(captions, references)) / n}
+            "last_word_match": sum(last_words_match(c, r, 1) for c, r in zip(captions, references)) / n,
+            # mostly the brand: what a brand step names, from maps of one size
+            "first_word_match": sum(first_word(c) == first_word(r) for c, r in zip(captions, references)) / n}
 
 
 def size_gap(small: list[str], larger: list[str], references: list[str], n_boot: int = 1000,
@@ -88,11 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = probe(args.run, args.small_dir, args.larger_dir)
     print(f"{result['run']}: {result['products']} held-out products in {result['larger_dir']}")
-    print("| photo | median size | BLEU-4 | last two | last word |\n|---|---|---:|---:|---:|")
+    print("| photo | median size | BLEU-4 | last two | last word | first word |\n|---|---|---:|---:|---:|---:|")
     for size in ("small", "larger"):
         r = result[size]
         print(f"| {size} | {r['median_size'][0]}x{r['median_size'][1]} | {r['bleu_4']:.1f} | "
-              f"{r['last_two_match']:.1%} | {r['last_word_match']:.1%} |")
+              f"{r['last_two_match']:.1%} | {r['last_word_match']:.1%} | {r['first_word_match']:.1%} |")
     print(f"identical captions at both sizes: {result['identical']:.1%}")
     gap = result["gap"]
     print("larger minus 60x80 (95% paired bootstrap interval over the products): " + ", ".join(

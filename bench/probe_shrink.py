@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> None:
                    args.filters, args.limit)
     base = result["60x80"]
     print(f"{result['run']}: {result['products']} held-out products; at 60x80 BLEU-4 {base['bleu_4']:.1f}, "
-          f"last two {base['last_two_match']:.1%}")
-    print("| larger photo shrunk | BLEU-4 | last two | identical to 60x80 |\n|---|---:|---:|---:|")
+          f"last two {base['last_two_match']:.1%}, first word {base['first_word_match']:.1%}")
+    print("| larger photo shrunk | BLEU-4 | last two | first word | identical to 60x80 |\n|---|---:|---:|---:|---:|")
     for name, r in result["ways"].items():
-        print(f"| {name} | {r['bleu_4']:.1f} | {r['last_two_match']:.1%} | {r['identical_to_60x80']:.1%} |")
+        print(f"| {name} | {r['bleu_4']:.1f} | {r['last_two_match']:.1%} | {r['first_word_match']:.1%} | "
+              f"{r['identical_to_60x80']:.1%} |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 
