@@ -10,6 +10,7 @@ preset then fits a brand step (training/train_brand_step.py --fit_all) into mode
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -421,8 +422,11 @@ def main(argv: list[str] | None = None) -> Path:
     if not trainer.is_world_process_zero():
         return run_dir
 
-    # 9. The brand step (the cpu preset's): the caption's first word named from the cached maps
+    # 9. The brand step (the cpu preset's): the caption's first word named from the cached maps. It loads the maps
+    # it needs itself; the captioner's datasets (every cached view: ~15 GB on the whole data) are let go first
     if run_args.brand_step_epochs:
+        trainer = callbacks = train_set = val_set = maps = mirrored = larger = jittered = None
+        gc.collect()
         fit_brand_step(run_dir, data_args, run_args.brand_step_epochs)
     info.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_json_atomic(run_dir / "run.json", info)
